@@ -1,0 +1,389 @@
+"""Twins-PCPVT and Twins-SVT (Chu et al., NeurIPS 2021) with static shapes for deployment.
+
+The state_dict is key-for-key the one of timm and of the official checkpoints. Unlike timm, the
+input resolution is fixed when the model is built: every reshape target is a Python int computed
+in ``__init__`` and the batch is the only size read at run time (as -1), so an exported graph has
+no shape arithmetic at all.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OUTPUTS = ("logits", "embedding", "features")
+BLOCK_NORM_EPS = 1e-6  # block and final LayerNorm; patch-embed and GSA sub-sample norms use 1e-5
+
+
+@dataclass(frozen=True)
+class TwinsConfig:
+    """Architecture of one Twins network (timm's constructor arguments)."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 256, 512)
+    num_heads: tuple[int, ...] = (1, 2, 4, 8)
+    mlp_ratios: tuple[float, ...] = (4, 4, 4, 4)
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    wss: tuple[int, ...] | None = None  # window sizes; None = PCPVT (every block global)
+    num_classes: int = 1000
+    patch_size: int = 4
+    in_chans: int = 3
+
+    def __post_init__(self):
+        lengths = {len(self.embed_dims), len(self.num_heads), len(self.mlp_ratios), len(self.depths),
+                   len(self.sr_ratios), len(self.wss or self.depths)}
+        if len(lengths) != 1:
+            raise ValueError(f"every per-stage list needs one value per stage, got lengths {sorted(lengths)}")
+        for dim, heads in zip(self.embed_dims, self.num_heads):
+            if dim % heads:
+                raise ValueError(f"embed dim {dim} is not divisible by {heads} heads")
+
+    @property
+    def family(self) -> str:
+        return "pcpvt" if self.wss is None else "svt"
+
+    @property
+    def total_stride(self) -> int:
+        return self.patch_size * 2 ** (len(self.depths) - 1)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A published variant: its architecture, names and the preprocessing it was trained with."""
+
+    name: str
+    config: TwinsConfig
+    aliases: tuple[str, ...] = ()
+    hub_id: str | None = None
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Softmax attention over 4-D (batch, heads, tokens, head_dim) tensors.
+
+    The unfused form scales Q before the first MatMul: the MatMul-Softmax-MatMul pattern that
+    TensorRT's fused multi-head attention recognises in an ONNX graph.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v)
+    q = q * (q.shape[-1] ** -0.5)
+    return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+class LocallyGroupedAttn(nn.Module):
+    """LSA: attention inside non-overlapping ws x ws windows, windows folded into the batch axis."""
+
+    def __init__(self, dim: int, num_heads: int, ws: int, size: tuple[int, int]):
+        super().__init__()
+        self.dim, self.num_heads, self.ws = dim, num_heads, ws
+        self.size = size
+        self.padded = (math.ceil(size[0] / ws) * ws, math.ceil(size[1] / ws) * ws)
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (h, w), (hp, wp), ws, c = self.size, self.padded, self.ws, self.dim
+        heads = self.num_heads
+        x = x.reshape(-1, h, w, c)
+        if (hp, wp) != (h, w):  # zero pad right/bottom, no mask, as timm and the official code
+            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        qkv = self.qkv(x).reshape(-1, hp // ws, ws, wp // ws, ws, 3, heads, c // heads)
+        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, -1, heads, ws * ws, c // heads).unbind(0)
+        x = _attend(q, k, v, self.fused_attn)
+        x = x.reshape(-1, hp // ws, wp // ws, heads, ws, ws, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
+        x = x.reshape(-1, hp, wp, c)
+        if (hp, wp) != (h, w):
+            x = x[:, :h, :w, :]
+        return self.proj(x.reshape(-1, h * w, c))
+
+
+class GlobalSubSampleAttn(nn.Module):
+    """GSA: every token attends to keys sub-sampled by a strided conv (sr_ratio x sr_ratio)."""
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, size: tuple[int, int]):
+        super().__init__()
+        self.dim, self.num_heads, self.size = dim, num_heads, size
+        self.fused_attn = True
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(dim, dim * 2, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+            self.kv_tokens = (size[0] // sr_ratio) * (size[1] // sr_ratio)
+        else:
+            self.sr = None
+            self.norm = None
+            self.kv_tokens = size[0] * size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (h, w), c, heads = self.size, self.dim, self.num_heads
+        q = self.q(x).reshape(-1, h * w, heads, c // heads).permute(0, 2, 1, 3)
+        if self.sr is not None:
+            x = self.sr(x.transpose(1, 2).reshape(-1, c, h, w))
+            x = self.norm(x.reshape(-1, c, self.kv_tokens).transpose(1, 2))
+        k, v = self.kv(x).reshape(-1, self.kv_tokens, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = _attend(q, k, v, self.fused_attn)
+        return self.proj(x.transpose(1, 2).reshape(-1, h * w, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as trained
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, ws: int,
+                 size: tuple[int, int]):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
+        if ws == 1:
+            self.attn = GlobalSubSampleAttn(dim, num_heads, sr_ratio, size)
+        else:
+            self.attn = LocallyGroupedAttn(dim, num_heads, ws, size)
+        self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PosConv(nn.Module):
+    """PEG: depthwise 3x3 conv over the token map plus a residual, after a stage's first block."""
+
+    def __init__(self, dim: int, size: tuple[int, int]):
+        super().__init__()
+        self.dim, self.size = dim, size
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (h, w), c = self.size, self.dim
+        feat = x.transpose(1, 2).reshape(-1, c, h, w)
+        return (self.proj(feat) + feat).reshape(-1, c, h * w).transpose(1, 2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, out_size: tuple[int, int]):
+        super().__init__()
+        self.dim, self.tokens = dim, out_size[0] * out_size[1]
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).reshape(-1, self.dim, self.tokens).transpose(1, 2))
+
+
+class Twins(nn.Module):
+    """Twins for one fixed input size. ``output`` picks what forward returns:
+
+    ``logits`` (B, classes), ``embedding`` (B, C) pooled before the head, or ``features``: the
+    four stage maps (B, C_i, H_i, W_i) before the final norm, for detection/segmentation necks.
+    """
+
+    def __init__(self, config: TwinsConfig, img_size: int | tuple[int, int] = 224,
+                 output: str = "logits", spec: ModelSpec | None = None):
+        super().__init__()
+        self.config = config
+        self.img_size = to_size(img_size, config.total_stride)
+        self.spec = spec or ModelSpec("custom", config)
+        self.output = output
+        self.num_features = config.embed_dims[-1]
+        self.stage_sizes = []
+        size = self.img_size
+        prev_dim, patch = config.in_chans, config.patch_size
+        self.patch_embeds = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.pos_block = nn.ModuleList()
+        for k, dim in enumerate(config.embed_dims):
+            size = (size[0] // patch, size[1] // patch)
+            self.stage_sizes.append(size)
+            self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch, size))
+            self.blocks.append(nn.ModuleList([
+                Block(dim, config.num_heads[k], config.mlp_ratios[k], config.sr_ratios[k],
+                      1 if config.wss is None or i % 2 == 1 else config.wss[k], size)
+                for i in range(config.depths[k])]))
+            self.pos_block.append(PosConv(dim, size))
+            prev_dim, patch = dim, 2
+        self.norm = nn.LayerNorm(self.num_features, eps=BLOCK_NORM_EPS)
+        self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
+
+    @property
+    def output(self) -> str:
+        return self._output
+
+    @output.setter
+    def output(self, value: str) -> None:
+        if value not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
+        self._output = value
+
+    def set_fused_attn(self, fused: bool) -> None:
+        """SDPA (fastest in PyTorch) or explicit MatMul-Softmax-MatMul (what exporters want)."""
+        for module in self.modules():
+            if isinstance(module, (LocallyGroupedAttn, GlobalSubSampleAttn)):
+                module.fused_attn = fused
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The four NCHW stage maps, and the last stage's tokens after the final norm."""
+        stages = []
+        for embed, blocks, peg, (h, w) in zip(self.patch_embeds, self.blocks, self.pos_block, self.stage_sizes):
+            x = embed(x)
+            for j, blk in enumerate(blocks):
+                x = blk(x)
+                if j == 0:
+                    x = peg(x)
+            x = x.transpose(1, 2).reshape(-1, embed.dim, h, w)
+            stages.append(x)
+        tokens = stages[-1].reshape(-1, self.num_features, self.stage_sizes[-1][0] * self.stage_sizes[-1][1])
+        return stages, self.norm(tokens.transpose(1, 2))
+
+    def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[1].mean(dim=1)
+
+    def forward(self, x: torch.Tensor):
+        if self.output == "features":
+            return tuple(self.forward_stages(x)[0])
+        embedding = self.forward_embedding(x)
+        return embedding if self.output == "embedding" else self.head(embedding)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Seeded initialisation as in timm (truncated normal linears, fan-out convs)."""
+        generator = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04, generator=generator)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+                module.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=generator)
+                nn.init.zeros_(module.bias)
+
+
+def to_size(img_size: int | tuple[int, int] | str, stride: int = 32) -> tuple[int, int]:
+    """Parse 224, (224, 320) or '224x320' and check that both sides are multiples of ``stride``."""
+    if isinstance(img_size, str):
+        parts = img_size.lower().split("x")
+        if not all(p.strip().isdigit() for p in parts) or len(parts) > 2:
+            raise ValueError(f"image size must look like 224 or 224x320, got {img_size!r}")
+        img_size = tuple(int(p) for p in parts)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) == 1:
+        size = (size[0], size[0])
+    if len(size) != 2 or any(s <= 0 or s % stride for s in size):
+        raise ValueError(f"image height and width must be positive multiples of {stride}, got {img_size!r}")
+    return int(size[0]), int(size[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint layouts
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bring any published layout to timm's keys: unwraps ``model``/``state_dict`` nesting, strips
+    ``module.`` (DDP), and renames mmpretrain/mmcls keys (``backbone.stages.`` ...)."""
+    for wrapper in ("state_dict", "model"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not any(k.startswith("backbone.") for k in state_dict):
+        return state_dict
+    renames = (
+        ("backbone.", ""), ("stages.", "blocks."), ("position_encodings.", "pos_block."),
+        ("norm_after_stage3.", "norm."), ("ffn.layers.0.0.", "mlp.fc1."), ("ffn.layers.1.", "mlp.fc2."),
+        ("head.fc.", "head."), (".projection.", ".proj."),
+    )
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        if key.startswith("pos_block.") and ".proj.0." not in key:
+            key = key.replace(".proj.", ".proj.0.")
+        out[key] = value
+    return out
+
+
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict:
+    """What a timm-layout state_dict looks like: family, embed dims, depths and classes.
+
+    Heads leave no trace in the weights, so this is enough to name a variant, not to build one.
+    """
+    stages = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("patch_embeds.")})
+    if not stages or any(f"patch_embeds.{k}.proj.weight" not in state_dict for k in stages):
+        raise ValueError("it has no 'patch_embeds.*.proj' weights, so it is not a Twins checkpoint")
+    depths = []
+    for k in stages:
+        blocks = {int(key.split(".")[2]) for key in state_dict if key.startswith(f"blocks.{k}.")}
+        depths.append(max(blocks) + 1 if blocks else 0)
+    head = state_dict.get("head.weight")
+    return {
+        "family": "svt" if f"blocks.{stages[0]}.0.attn.qkv.weight" in state_dict else "pcpvt",
+        "embed_dims": tuple(state_dict[f"patch_embeds.{k}.proj.weight"].shape[0] for k in stages),
+        "depths": tuple(depths),
+        "num_classes": head.shape[0] if head is not None else 0,
+    }
+
+
+def guess_variant(description: dict) -> ModelSpec | None:
+    """The published variant whose architecture matches ``describe_state_dict``'s answer."""
+    for spec in MODELS.values():
+        cfg = spec.config
+        if (cfg.family, cfg.embed_dims, cfg.depths) == (description["family"], description["embed_dims"],
+                                                        description["depths"]):
+            return spec
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Published variants
+
+_PCPVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))
+_SVT = dict(mlp_ratios=(4, 4, 4, 4), sr_ratios=(8, 4, 2, 1), wss=(7, 7, 7, 7))
+_SIZES = {"s": "small", "b": "base", "l": "large"}
+
+
+def _spec(name: str, official: str, **config) -> ModelSpec:
+    family, size = name.split("-")
+    timm_name = f"twins_{family}_{_SIZES[size]}"
+    return ModelSpec(name, TwinsConfig(**config), aliases=(timm_name, official), hub_id=f"timm/{timm_name}.in1k")
+
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    _spec("pcpvt-s", "pcpvt_small_v0", depths=(3, 4, 6, 3), **_PCPVT),
+    _spec("pcpvt-b", "pcpvt_base_v0", depths=(3, 4, 18, 3), **_PCPVT),
+    _spec("pcpvt-l", "pcpvt_large_v0", depths=(3, 8, 27, 3), **_PCPVT),
+    _spec("svt-s", "alt_gvt_small", embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 10, 4), **_SVT),
+    _spec("svt-b", "alt_gvt_base", embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), depths=(2, 2, 18, 2), **_SVT),
+    _spec("svt-l", "alt_gvt_large", embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), depths=(2, 2, 18, 2), **_SVT),
+)}
+_ALIASES = {alias.lower(): spec for spec in MODELS.values() for alias in spec.names}
+
+
+def with_classes(spec: ModelSpec, num_classes: int | None) -> ModelSpec:
+    if num_classes is None or num_classes == spec.config.num_classes:
+        return spec
+    return replace(spec, config=replace(spec.config, num_classes=num_classes))

@@ -1,0 +1,71 @@
+"""timm's eval transform in numpy and Pillow, so services need no torch or torchvision.
+
+Resize the short side to size / crop_pct (bicubic, antialiased as Pillow always is), centre crop,
+scale to [0, 1], normalise with the model's mean/std; NCHW float32 out. EXIF rotation is applied
+and grayscale/RGBA/palette images are converted to RGB first.
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from twins_deploy.errors import TwinsDeployError
+from twins_deploy.metadata import ModelMetadata
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """An RGB image from a path, encoded bytes or a PIL image, upright per its EXIF orientation."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        name = "bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+        try:
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            image.load()
+        except FileNotFoundError:
+            raise TwinsDeployError(f"image not found: {name}") from None
+        except Exception as exc:
+            raise TwinsDeployError(f"cannot decode image {name}: {exc}") from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, meta: ModelMetadata) -> np.ndarray:
+    """One RGB image to a (3, H, W) float32 array, exactly as timm's eval transform does it."""
+    height, width = meta.input_size
+    resample = _RESAMPLE.get(meta.interpolation, Image.BICUBIC)
+    if height == width:  # timm resizes the short side for square inputs
+        scale = math.floor(height / meta.crop_pct)
+        w, h = image.size
+        new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+    else:
+        new = (math.floor(width / meta.crop_pct), math.floor(height / meta.crop_pct))
+    image = image.resize(new, resample)
+    left = int(round((image.width - width) / 2.0))
+    top = int(round((image.height - height) / 2.0))
+    image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(meta.mean, np.float32)) / np.asarray(meta.std, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def top_k(logits: np.ndarray, class_names: tuple[str, ...] | list[str], k: int = 5) -> list[list[dict]]:
+    """Softmax probabilities of the k best classes per row: ``{"class_id", "name", "prob"}``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    k = min(k, probs.shape[1])
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"class_id": int(c), "name": class_names[c] if c < len(class_names) else str(int(c)),
+              "prob": float(p[c])} for c in row] for p, row in zip(probs, best)]
