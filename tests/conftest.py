@@ -1,0 +1,30 @@
+"""Shared fixtures: the golden vectors copied from the reference (tests never reach outside the repo)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twins_deploy.models import TwinsConfig
+
+DATA = Path(__file__).parent / "data"
+TINY = ("tiny-pcpvt", "tiny-svt")
+SIZES = ("224x224", "256x256", "224x320")
+LAYOUTS = ("safetensors", "official.pth", "mmpretrain.pth")
+
+
+def tiny_config(name: str) -> TwinsConfig:
+    """The architecture of a golden-vector model, from the reference's index.json."""
+    config = json.loads((DATA / "index.json").read_text())[name]["config"]
+    return TwinsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+
+def tiny_weights(name: str, layout: str = "safetensors") -> Path:
+    return DATA / f"{name}.{layout}"
+
+
+def golden(name: str) -> dict[str, np.ndarray]:
+    with np.load(DATA / f"{name}.npz") as arrays:
+        return dict(arrays)
