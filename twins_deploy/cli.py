@@ -6,10 +6,12 @@ command exits with its code (1 failure, 2 usage), never with a traceback.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -27,7 +29,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except TwinsDeployError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
 
 
@@ -73,3 +75,329 @@ def models(as_json: JsonFlag = False) -> None:
         table.add_row(row["name"], ", ".join(row["aliases"]), f"{row['params']:,}", f"{row['gflops_224']:.2f}",
                       "x".join(map(str, row["input_size"])), row["hub_id"])
     console.print(table)
+
+
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.01-py3"
+
+
+@app.command()
+def triton(
+    onnx: Annotated[Path, typer.Option("--onnx", help="Exported ONNX file: names, dims and class names come from it.")],
+    plan: Annotated[Optional[Path], typer.Option(
+        help="TensorRT engine built from that ONNX file: serve it with the TensorRT backend instead.")] = None,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Model repository folder (created if missing).")] = Path("model_repository"),
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the served file's stem).")] = None,
+    max_batch: Annotated[int, typer.Option(help="max_batch_size; 0 turns batching off.")] = 32,
+    instances: Annotated[int, typer.Option(help="Model instances Triton runs side by side.")] = 1,
+    device: Annotated[str, typer.Option(help="Where the instances run: gpu or cpu.")] = "gpu",
+    max_queue_delay_us: Annotated[int, typer.Option(
+        help="How long dynamic batching waits to fill a batch, in microseconds.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write a Triton Inference Server model repository (ONNX Runtime or TensorRT backend) with class labels."""
+    from twins_deploy.triton import build_repository
+
+    report = build_repository(onnx, output, plan=plan, name=name, max_batch=max_batch, instances=instances,
+                              device=device, max_queue_delay_us=max_queue_delay_us)
+    if report.schema is None:
+        err_console.print("warning: config.pbtxt not checked against Triton's schema "
+                          "(pip install 'tritonclient[grpc]' to check it)", highlight=False)
+    if report.plan_checked is False:
+        err_console.print("note: TensorRT is not usable here, so the plan's tensors and batch profile were not "
+                          "checked; Triton checks them when it loads the model", highlight=False)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    model = report.model
+    table = Table(title=f"Triton model {model.name} ({model.platform}) in {report.repository}")
+    for column in ("tensor", "name", "type", "dims", "labels"):
+        table.add_column(column)
+    for kind, tensors in (("input", model.inputs), ("output", model.outputs)):
+        for tensor in tensors:
+            labelled = kind == "output" and tensor.name == "logits" and model.labels
+            table.add_row(kind, tensor.name, tensor.data_type, str(list(tensor.dims)),
+                          f"{len(model.labels)} classes" if labelled else "")
+    console.print(table)
+    batching = (f"max batch {model.max_batch_size}, preferred {list(model.preferred_batch_sizes)}, "
+                f"queue delay {model.max_queue_delay_us} us" if model.max_batch_size else "no batching")
+    console.print(f"{batching}; {model.instances} x {model.kind}; files: {', '.join(report.files)}", highlight=False)
+    gpus = "--gpus all " if model.kind == "KIND_GPU" else ""
+    console.print(f"serve: docker run {gpus}--rm -p 8000:8000 -p 8001:8001 -p 8002:8002 "
+                  f"-v {report.repository.resolve()}:/models {TRITON_IMAGE} tritonserver --model-repository=/models",
+                  highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: build, bench, infer, verify
+
+EngineHelp = ("A file (.onnx, .plan/.engine, .pt/.pth/.safetensors checkpoint), an engine name (torch, onnx, "
+              "onnx-int8, trt-fp16, ...) or a precision (fp32, fp16, bf16, int8, best) resolved for this machine; "
+              "names are built from --model on first use into $TWINS_DEPLOY_CACHE (~/.cache/twins-deploy).")
+OptionalModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Model name, for engines given by name or precision (see 'twins-deploy models').")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for onnxruntime/torch (default: all cores).")]
+
+
+def _log(message: str) -> None:
+    err_console.print(message, highlight=False, markup=False)
+
+
+def _usage(message: str) -> Exception:
+    from twins_deploy.errors import UsageError
+
+    return UsageError(message)
+
+
+def _source(model: Optional[str], weights: str, img_size: Optional[str], num_classes: Optional[int]):
+    from twins_deploy.engines import ModelSource
+
+    return ModelSource(model, weights, img_size, num_classes) if model else None
+
+
+@app.command()
+def build(
+    precision: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8 or best (TensorRT); int8 or fp16 (onnxruntime).")],
+    onnx: Annotated[Optional[Path], typer.Option(help="The fp32 ONNX export (default: export --model into the cache).")] = None,
+    backend: Annotated[str, typer.Option(help="tensorrt (an engine) or onnxruntime (an int8/fp16 ONNX).")] = "tensorrt",
+    model: OptionalModelOption = None,
+    weights: WeightsOption = "pretrained",
+    img_size: ImgSizeOption = None,
+    num_classes: NumClassesOption = None,
+    min_batch: Annotated[int, typer.Option(help="Smallest batch of the TensorRT profile.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="Batch TensorRT tunes its kernels for.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile.")] = 32,
+    calib: Annotated[Optional[Path], typer.Option(
+        help="Folder of images to calibrate int8 on (default: seeded synthetic images).")] = None,
+    calib_images: Annotated[int, typer.Option(help="How many calibration images to use.")] = 32,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file, read and updated.")] = None,
+    workspace: Annotated[float, typer.Option(help="TensorRT workspace limit in GB.")] = 4.0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: next to the ONNX).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Build a TensorRT engine (fp32/fp16/bf16/int8/best, batch profile, sidecar JSON) or an int8/fp16 ONNX."""
+    from twins_deploy.engines.build import build as build_artifact
+
+    if onnx is None:
+        if model is None:
+            raise _usage("pass --onnx PATH (an fp32 export) or --model NAME to export one first")
+        from twins_deploy.engines.artifacts import cache_dir
+        from twins_deploy.engines.resolve import Builds
+
+        source = _source(model, weights, img_size, num_classes)
+        onnx = Builds(source, cache_dir() / source.cache_key(), _log).fp32_onnx()
+    report = build_artifact(onnx, precision.lower(), backend.lower(), output=output, calib=calib,
+                            calib_images=calib_images, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                            workspace_gb=workspace, timing_cache=timing_cache, log=_log)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.1f} MB, {report['backend']} {report['precision']})",
+                  highlight=False)
+    parity = report.get("parity_vs_fp32")
+    if isinstance(parity, dict):
+        top1 = f", top-1 agreement {parity['top1_agreement']:.1%}" if parity["top1_agreement"] is not None else ""
+        console.print(f"vs the fp32 ONNX on 8 synthetic images: cosine {parity['cosine']:.5f}, "
+                      f"max abs {parity['max_abs']:.2e}{top1}", highlight=False)
+    elif parity:
+        console.print(parity, highlight=False)
+
+
+@app.command()
+def bench(
+    engine: Annotated[list[str], typer.Option("--engine", "-e", help=EngineHelp + " Repeat to compare engines.")],
+    model: OptionalModelOption = None,
+    weights: WeightsOption = "pretrained",
+    img_size: ImgSizeOption = None,
+    num_classes: NumClassesOption = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per engine and batch size.")] = 5,
+    iters: Annotated[Optional[int], typer.Option(help="Timed runs per engine and batch size.")] = None,
+    seconds: Annotated[Optional[float], typer.Option(
+        help="Timed seconds per engine and batch size (default 5 when --iters is not given).")] = None,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds the timed runs are split into.")] = 3,
+    threads: ThreadsOption = None,
+    compile: Annotated[bool, typer.Option("--compile", help="Wrap torch engines in torch.compile.")] = False,
+    cuda_graph: Annotated[bool, typer.Option(help="Replay TensorRT engines as CUDA graphs.")] = True,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the results as CSV here.")] = None,
+) -> None:
+    """Latency (min/mean/p50/p90/p95/p99) and throughput of engines at several batch sizes, with ratios."""
+    import csv
+    import io
+    import time
+    from contextlib import ExitStack
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from twins_deploy.engines import open_engine
+    from twins_deploy.engines.artifacts import atomic_output
+    from twins_deploy.engines.bench import bench as run_bench, bench_report, describe_machine
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise _usage(f"--batch takes comma-separated integers like 1,8,32, got {batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise _usage(f"--batch needs positive sizes, got {batch!r}")
+    if iters is not None and seconds is not None:
+        raise _usage("give --iters or --seconds, not both")
+    seconds = 5.0 if iters is None and seconds is None else seconds
+    source = _source(model, weights, img_size, num_classes)
+    with ExitStack() as stack:
+        runners = [stack.enter_context(open_engine(e, source, threads=threads, compile=compile, cuda_graph=cuda_graph,
+                                                   max_batch=max(batches), log=_log)) for e in engine]
+        for runner in runners:
+            for warning in getattr(runner, "warnings", []):
+                _log(f"warning: {warning}")
+        total = len(runners) * len(batches) * (iters if iters is not None else seconds)
+        with Progress(TextColumn("bench"), BarColumn(), TimeRemainingColumn(), console=err_console,
+                      transient=True) as progress:
+            task = progress.add_task("bench", total=total)
+            last = [time.perf_counter()]
+
+            def step() -> None:
+                now = time.perf_counter()
+                progress.advance(task, 1 if iters is not None else now - last[0])
+                last[0] = now
+
+            rows = run_bench(runners, batches, warmup=warmup, iters=iters, seconds=seconds, rounds=rounds,
+                             on_step=step)
+    machine = describe_machine()
+    settings = {"model": model, "weights": weights, "engines": engine, "batches": batches, "warmup": warmup,
+                "iters": iters, "seconds": seconds, "rounds": rounds, "threads": threads}
+    report = bench_report(rows, machine, settings)
+    if json_path:
+        with atomic_output(json_path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    if csv_path:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(report["results"][0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(report["results"])
+        with atomic_output(csv_path) as tmp:
+            tmp.write_text(buffer.getvalue())
+    gpu = machine["gpu"]["name"] if machine["gpu"] else "no GPU"
+    libraries = ", ".join(f"{k} {v}" for k, v in machine["libraries"].items())
+    table = Table(title=f"{machine['cpu']} ({machine['cpu_threads']} threads), {gpu}", caption=libraries)
+    on_gpu = any(row.gpu_compute_ms_p50 is not None for row in rows)
+    columns = ["engine", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "img/s"]
+    columns += ["GPU p50 ms"] * on_gpu + ["vs first"] * (len(engine) > 1)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("engine", "device") else "right", no_wrap=True)
+    for row in rows:
+        s = row.stats
+        cells = [row.engine, row.device, str(row.batch), f"{s.latency_ms_p50:.2f}", f"{s.latency_ms_p90:.2f}",
+                 f"{s.latency_ms_p99:.2f}", f"{s.latency_ms_mean:.2f}", f"{s.latency_ms_min:.2f}",
+                 f"{s.throughput_img_per_s:.1f}"]
+        cells += ["" if row.gpu_compute_ms_p50 is None else f"{row.gpu_compute_ms_p50:.2f}"] * on_gpu
+        cells += [f"{row.speedup_vs_first:.2f}x"] * (len(engine) > 1)
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+def infer(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    engine: Annotated[str, typer.Option("--engine", "-e", help=EngineHelp)],
+    model: OptionalModelOption = None,
+    weights: WeightsOption = "pretrained",
+    img_size: ImgSizeOption = None,
+    num_classes: NumClassesOption = None,
+    topk: Annotated[int, typer.Option(help="Predictions per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
+    threads: ThreadsOption = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write predictions to a .jsonl or .csv file instead of a table.")] = None,
+) -> None:
+    """Classify images: top-k classes with names and probabilities; exits 1 when any input failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from twins_deploy.engines import open_engine
+    from twins_deploy.engines.predict import check_output, collect_inputs, predict, write_predictions
+
+    if topk < 1 or batch_size < 1:
+        raise _usage("--topk and --batch-size must be at least 1")
+    if output is not None:
+        check_output(output)
+    items = collect_inputs(inputs)
+    with open_engine(engine, _source(model, weights, img_size, num_classes), threads=threads, log=_log) as runner:
+        with Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                      transient=True) as progress:
+            task = progress.add_task("infer", total=len(items))
+            records = list(predict(runner, items, topk=topk, batch_size=batch_size,
+                                   on_item=lambda: progress.advance(task)))
+    failed = [r for r in records if "error" in r]
+    if output is not None:
+        write_predictions(records, output)
+        _log(f"wrote {len(records)} predictions to {output}")
+    else:
+        table = Table()
+        for column in ("input", "top-1", "prob", f"top-{topk}" if topk > 1 else "class id"):
+            table.add_column(column, justify="right" if column == "prob" else "left")
+        for record in records:
+            if "error" in record:
+                table.add_row(record["input"], f"[red]error: {record['error']}[/]", "", "")
+                continue
+            best = record["predictions"]
+            rest = ", ".join(p["name"] for p in best[1:]) if topk > 1 else str(best[0]["class_id"])
+            table.add_row(record["input"], best[0]["name"], f"{best[0]['prob']:.3f}", rest)
+        console.print(table)
+    if failed:
+        _log(f"{len(failed)} of {len(records)} inputs failed (first: {failed[0]['input']}: {failed[0]['error']})")
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    engine: Annotated[str, typer.Option("--engine", "-e", help=EngineHelp)],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="The reference model (default: the one the engine's metadata names).")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="The reference weights: 'pretrained', 'random' or a path (default: those the engine was exported from).")] = None,
+    img_size: ImgSizeOption = None,
+    num_classes: NumClassesOption = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of images to compare on (default: seeded synthetic images).")] = None,
+    samples: Annotated[int, typer.Option(help="How many images to compare on.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per engine call.")] = 8,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compare an engine with PyTorch fp32: max abs diff, cosine, top-1/top-5 agreement; exits 1 on failure."""
+    from twins_deploy.engines import ModelSource, open_engine
+    from twins_deploy.engines.torch_backend import TorchRunner
+    from twins_deploy.engines.verify import reference_weights, verification_inputs, verify as run_verify
+
+    if samples < 1 or batch_size < 1:
+        raise _usage("--samples and --batch-size must be at least 1")
+    source = _source(model, weights or "pretrained", img_size, num_classes)
+    with open_engine(engine, source, log=_log) as runner:
+        meta = runner.describe().metadata
+        if meta.model == "custom" and model is None:
+            raise _usage("the engine holds a custom Twins configuration: pass --model for the reference")
+        reference_source = ModelSource(model or meta.model, weights or reference_weights(meta),
+                                       img_size or meta.input_size, num_classes)
+        data, described = verification_inputs(meta, images, samples)
+        with TorchRunner(reference_source.create, device="cpu", precision="fp32") as reference:
+            report = run_verify(runner, reference, data, source=described,
+                                trained=str(reference_source.weights) != "random", batch_size=batch_size)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        p, t = report.parity, report.threshold
+        table = Table(title=f"{report.engine} ({report.backend}, {report.precision}, {report.device}) vs PyTorch fp32 "
+                            f"on {report.samples} images ({report.inputs})")
+        for column in ("figure", "value", "limit", "result"):
+            table.add_column(column)
+        limits = {"cosine": f">= {t.cosine}", "max_rel": f"<= {t.max_rel}", "top1_agreement": f">= {t.top1:.0%}"}
+        values = {"max_abs": f"{p.max_abs:.3e}", "max_rel": f"{p.max_rel:.3e}", "cosine": f"{p.cosine:.6f}",
+                  "top1_agreement": "" if p.top1_agreement is None else f"{p.top1_agreement:.1%}",
+                  "top5_agreement": "" if p.top5_agreement is None else f"{p.top5_agreement:.1%}"}
+        for name, value in values.items():
+            verdict = "" if name not in report.checks else ("[green]pass[/]" if report.checks[name] else "[red]FAIL[/]")
+            table.add_row(name, value, limits.get(name, "") if name in report.checks else "", verdict)
+        console.print(table)
+        if "top1_agreement" not in report.checks and p.top1_agreement is not None:
+            _log("note: top-1 agreement is not enforced with random weights (their logits are near ties)")
+    if not report.passed:
+        _log(f"verify failed: {', '.join(k for k, ok in report.checks.items() if not ok)} outside the {report.precision} limits")
+        raise typer.Exit(1)

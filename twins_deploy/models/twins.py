@@ -3,7 +3,8 @@
 The state_dict is key-for-key the one of timm and of the official checkpoints. Unlike timm, the
 input resolution is fixed when the model is built: every reshape target is a Python int computed
 in ``__init__`` and the batch is the only size read at run time (as -1), so an exported graph has
-no shape arithmetic at all.
+no shape arithmetic at all. Between the stages' convolutions the tokens travel as one
+(batch * tokens, channels) matrix, so every Linear exports as a single Gemm with its bias inside.
 """
 from __future__ import annotations
 
@@ -96,19 +97,19 @@ class LocallyGroupedAttn(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B*h*w, C) tokens in, (B*h*w, C) out."""
         (h, w), (hp, wp), ws, c = self.size, self.padded, self.ws, self.dim
-        heads = self.num_heads
-        x = x.reshape(-1, h, w, c)
-        if (hp, wp) != (h, w):  # zero pad right/bottom, no mask, as timm and the official code
-            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        heads, padded = self.num_heads, (hp, wp) != (h, w)
+        if padded:  # zero pad right/bottom, no mask, as timm and the official code
+            x = F.pad(x.reshape(-1, h, w, c), (0, 0, 0, wp - w, 0, hp - h)).reshape(-1, c)
         qkv = self.qkv(x).reshape(-1, hp // ws, ws, wp // ws, ws, 3, heads, c // heads)
-        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, -1, heads, ws * ws, c // heads).unbind(0)
-        x = _attend(q, k, v, self.fused_attn)
+        # (windows, 3 * heads, ws*ws, head_dim): q, k and v come out of one Split on the head axis
+        qkv = qkv.permute(0, 1, 3, 5, 6, 2, 4, 7).reshape(-1, 3 * heads, ws * ws, c // heads)
+        x = _attend(*qkv.split(heads, dim=1), self.fused_attn)
         x = x.reshape(-1, hp // ws, wp // ws, heads, ws, ws, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
-        x = x.reshape(-1, hp, wp, c)
-        if (hp, wp) != (h, w):
-            x = x[:, :h, :w, :]
-        return self.proj(x.reshape(-1, h * w, c))
+        if padded:
+            x = x.reshape(-1, hp, wp, c)[:, :h, :w, :]
+        return self.proj(x.reshape(-1, c))
 
 
 class GlobalSubSampleAttn(nn.Module):
@@ -131,14 +132,15 @@ class GlobalSubSampleAttn(nn.Module):
             self.kv_tokens = size[0] * size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B*h*w, C) tokens in, (B*h*w, C) out."""
         (h, w), c, heads = self.size, self.dim, self.num_heads
-        q = self.q(x).reshape(-1, h * w, heads, c // heads).permute(0, 2, 1, 3)
+        q = self.q(x).reshape(-1, h * w, heads, c // heads).transpose(1, 2)
         if self.sr is not None:
-            x = self.sr(x.transpose(1, 2).reshape(-1, c, h, w))
-            x = self.norm(x.reshape(-1, c, self.kv_tokens).transpose(1, 2))
-        k, v = self.kv(x).reshape(-1, self.kv_tokens, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = _attend(q, k, v, self.fused_attn)
-        return self.proj(x.transpose(1, 2).reshape(-1, h * w, c))
+            x = self.sr(x.reshape(-1, h, w, c).permute(0, 3, 1, 2))
+            x = self.norm(x.permute(0, 2, 3, 1).reshape(-1, c))
+        kv = self.kv(x).reshape(-1, self.kv_tokens, 2 * heads, c // heads).transpose(1, 2)
+        x = _attend(q, *kv.split(heads, dim=1), self.fused_attn)
+        return self.proj(x.transpose(1, 2).reshape(-1, c))
 
 
 class Mlp(nn.Module):
@@ -179,19 +181,21 @@ class PosConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (h, w), c = self.size, self.dim
-        feat = x.transpose(1, 2).reshape(-1, c, h, w)
-        return (self.proj(feat) + feat).reshape(-1, c, h * w).transpose(1, 2)
+        feat = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+        return (self.proj(feat) + feat).permute(0, 2, 3, 1).reshape(-1, c)
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, in_chans: int, dim: int, patch_size: int, out_size: tuple[int, int]):
+    """NCHW map in, (B*h*w, C) normalised tokens out."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
         super().__init__()
-        self.dim, self.tokens = dim, out_size[0] * out_size[1]
+        self.dim = dim
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).reshape(-1, self.dim, self.tokens).transpose(1, 2))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1).reshape(-1, self.dim))
 
 
 class Twins(nn.Module):
@@ -218,7 +222,7 @@ class Twins(nn.Module):
         for k, dim in enumerate(config.embed_dims):
             size = (size[0] // patch, size[1] // patch)
             self.stage_sizes.append(size)
-            self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch, size))
+            self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch))
             self.blocks.append(nn.ModuleList([
                 Block(dim, config.num_heads[k], config.mlp_ratios[k], config.sr_ratios[k],
                       1 if config.wss is None or i % 2 == 1 else config.wss[k], size)
@@ -248,15 +252,15 @@ class Twins(nn.Module):
         """The four NCHW stage maps, and the last stage's tokens after the final norm."""
         stages = []
         for embed, blocks, peg, (h, w) in zip(self.patch_embeds, self.blocks, self.pos_block, self.stage_sizes):
-            x = embed(x)
+            tokens = embed(x)
             for j, blk in enumerate(blocks):
-                x = blk(x)
+                tokens = blk(tokens)
                 if j == 0:
-                    x = peg(x)
-            x = x.transpose(1, 2).reshape(-1, embed.dim, h, w)
+                    tokens = peg(tokens)
+            x = tokens.reshape(-1, h, w, embed.dim).permute(0, 3, 1, 2)
             stages.append(x)
-        tokens = stages[-1].reshape(-1, self.num_features, self.stage_sizes[-1][0] * self.stage_sizes[-1][1])
-        return stages, self.norm(tokens.transpose(1, 2))
+        h, w = self.stage_sizes[-1]
+        return stages, self.norm(tokens).reshape(-1, h * w, self.num_features)
 
     def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[1].mean(dim=1)

@@ -11,6 +11,11 @@ from twins_deploy.metadata import ModelMetadata
 
 # Fastest first: what ``default_providers`` picks from when the user does not choose.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Short spellings for people: ``providers=["cuda", "cpu"]``.
+PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+Provider = str | tuple[str, dict]  # a name, or (name, provider options) as onnxruntime takes them
 
 
 def default_providers() -> list[str]:
@@ -19,16 +24,27 @@ def default_providers() -> list[str]:
     return [p for p in PROVIDER_PREFERENCE if p in available] or available
 
 
-def create_session(model: str | Path | bytes, providers: list[str] | None = None,
+def resolve_providers(providers: list[Provider] | None) -> list[Provider]:
+    """Full provider names (aliases expanded), each checked to be installed; ``None`` means the defaults."""
+    if not providers:
+        return default_providers()
+    available = ort.get_available_providers()
+    resolved = []
+    for provider in providers:
+        name, options = provider if isinstance(provider, tuple) else (provider, None)
+        name = PROVIDER_ALIASES.get(name.lower(), name)
+        if name not in available:
+            raise UsageError(f"execution provider {name} is not installed here; available: {', '.join(available)}")
+        resolved.append((name, options) if options is not None else name)
+    return resolved
+
+
+def create_session(model: str | Path | bytes, providers: list[Provider] | None = None,
                    threads: int | None = None) -> ort.InferenceSession:
     """An ``InferenceSession`` with full graph optimisation; ``threads`` caps intra-op threads."""
     if isinstance(model, (str, Path)) and not Path(model).is_file():
         raise UsageError(f"ONNX file not found: {model}")
-    providers = providers or default_providers()
-    missing = [p for p in providers if p not in ort.get_available_providers()]
-    if missing:
-        raise UsageError(f"execution provider {missing[0]} is not installed here; available: "
-                         f"{', '.join(ort.get_available_providers())}")
+    providers = resolve_providers(providers)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1

@@ -1,0 +1,148 @@
+"""Reduced-precision ONNX files made from the fp32 export with onnxruntime's own tools.
+
+int8: static quantization in QDQ format (per-channel int8 weights, calibrated activations), for
+onnxruntime's CPU kernels ("cpu": uint8 activations, attention's activation-by-activation MatMuls
+left in fp32) or for TensorRT's explicit quantization ("tensorrt": symmetric int8 everywhere, Q/DQ
+before every MatMul and Gemm). TensorRT deprecated its implicit calibrators in 10.1, so its int8
+engines are built from this file. fp16: float16 weights and compute with LayerNormalization and
+Softmax kept in fp32 and fp32 inputs/outputs, for the CUDA provider.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from twins_deploy.engines.artifacts import atomic_output
+from twins_deploy.errors import UsageError
+from twins_deploy.metadata import ModelMetadata
+
+INT8_TARGETS = ("cpu", "tensorrt")
+FP16_KEEP_FP32 = ("LayerNormalization", "Softmax")
+
+
+def synthetic_images(meta: ModelMetadata, count: int, seed: int = 0) -> np.ndarray:
+    """Seeded smooth colour fields with a little noise, normalised like real images: (count, 3, H, W)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    height, width = meta.input_size
+    mean, std = np.asarray(meta.mean, np.float32), np.asarray(meta.std, np.float32)
+    images = np.empty((count, 3, height, width), np.float32)
+    for i in range(count):
+        coarse = rng.integers(0, 256, (int(rng.integers(2, 9)), int(rng.integers(2, 9)), 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32) / 255.0
+        pixels = np.clip(smooth + rng.normal(0.0, 0.03, smooth.shape), 0.0, 1.0)
+        images[i] = ((pixels - mean) / std).transpose(2, 0, 1)
+    return images
+
+
+def folder_images(folder: str | Path, meta: ModelMetadata, count: int) -> tuple[np.ndarray, list[str]]:
+    """Up to ``count`` images from ``folder`` (recursive), preprocessed as the model expects; skipped files named."""
+    from twins_deploy.preprocess import IMAGE_SUFFIXES, load_image, preprocess
+    from twins_deploy.errors import TwinsDeployError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    arrays, skipped = [], []
+    for path in files:
+        if len(arrays) == count:
+            break
+        try:
+            arrays.append(preprocess(load_image(path), meta))
+        except TwinsDeployError:
+            skipped.append(str(path))
+    if not arrays:
+        raise UsageError(f"no readable images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return np.stack(arrays), skipped
+
+
+def _attention_matmuls(model) -> list[str]:
+    """MatMul nodes whose two inputs are both activations (Q@K^T and attention@V)."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+
+
+def _set_props(model, props: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def quantize_int8(fp32_onnx: str | Path, output: str | Path, calibration: np.ndarray, *, target: str = "cpu",
+                  calibration_source: str = "synthetic", batch: int = 8) -> dict:
+    """Write a QDQ int8 ONNX calibrated on ``calibration`` (N, 3, H, W); returns what was done."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    if target not in INT8_TARGETS:
+        raise UsageError(f"int8 target must be one of {', '.join(INT8_TARGETS)}, got {target!r}")
+    fp32_onnx, output = Path(fp32_onnx), Path(output)
+    model = onnx.load(fp32_onnx)
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = ModelMetadata.from_props(props, str(fp32_onnx))
+    if meta.extra.get("precision", "fp32") != "fp32":
+        raise UsageError(f"{fp32_onnx} is already {meta.extra['precision']}: quantize the fp32 export")
+    (input_name,) = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self._chunks = iter(np.array_split(calibration, max(1, -(-len(calibration) // batch))))
+
+        def get_next(self):
+            chunk = next(self._chunks, None)
+            return None if chunk is None else {input_name: np.ascontiguousarray(chunk, np.float32)}
+
+    cpu = target == "cpu"
+    excluded = _attention_matmuls(model) if cpu else []
+    extra = {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # fp32 out: bias and GELU stay exact
+             "ActivationSymmetric": not cpu, "WeightSymmetric": True}
+    settings = dict(quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
+                    activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded, extra_options=extra)
+    start = time.perf_counter()
+    logging.disable(logging.WARNING)  # the quantizer logs advice on the root logger at every call
+    try:
+        with atomic_output(output) as tmp:
+            quantize_static(model, tmp, Batches(), **settings)
+            quantized = onnx.load(tmp)
+            report = {"format": "QDQ", "target": target, "weights": "int8 symmetric, per output channel",
+                      "activations": "uint8 asymmetric" if cpu else "int8 symmetric",
+                      "op_types": ["MatMul", "Gemm"], "fp32_matmuls": len(excluded),
+                      "calibration": calibration_source, "calibration_images": int(len(calibration)),
+                      "calibration_method": "minmax", "seconds": round(time.perf_counter() - start, 1)}
+            _set_props(quantized, {"precision": "int8", "quantization": json.dumps(report)})
+            onnx.save(quantized, tmp)
+    finally:
+        logging.disable(logging.NOTSET)
+    return report
+
+
+def convert_fp16(fp32_onnx: str | Path, output: str | Path) -> dict:
+    """Write an fp16 ONNX (LayerNormalization and Softmax in fp32, fp32 inputs and outputs)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    fp32_onnx = Path(fp32_onnx)
+    model = onnx.load(fp32_onnx)
+    meta = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(fp32_onnx))
+    if meta.extra.get("precision", "fp32") != "fp32":
+        raise UsageError(f"{fp32_onnx} is already {meta.extra['precision']}: convert the fp32 export")
+    converted = convert_float_to_float16(model, keep_io_types=True,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32])
+    report = {"kept_fp32": list(FP16_KEEP_FP32), "io": "float32"}
+    _set_props(converted, {"precision": "fp16", "fp16": json.dumps(report)})
+    with atomic_output(output) as tmp:
+        onnx.save(converted, tmp)
+    return report
