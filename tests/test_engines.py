@@ -337,6 +337,14 @@ def test_build_command_usage_errors(fp32_onnx):
     assert result.exit_code == 2 and "pass --onnx PATH (an fp32 export) or --model NAME" in result.output
 
 
+def test_build_command_on_a_file_that_is_not_onnx(tmp_path):
+    (tmp_path / "model.onnx").write_text("garbage")
+    result = runner.invoke(app, ["build", "--onnx", str(tmp_path / "model.onnx"), "--backend", "onnxruntime",
+                                 "--precision", "int8"])
+    assert result.exit_code == 1 and "cannot read" in result.output and "as ONNX" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_build_command_int8_from_an_image_folder(fp32_onnx, tmp_path):
     from PIL import Image
 

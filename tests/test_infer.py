@@ -88,7 +88,7 @@ def test_every_input_is_in_the_output_in_order(photos, tiny_runner):
         if "predictions" in record:
             probs = [p["prob"] for p in record["predictions"]]
             assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
-            assert all(p["name"] == str(p["class_id"]) for p in record["predictions"])  # 10 classes, no names
+            assert all(p["name"] == f"class_{p['class_id']}" for p in record["predictions"])  # 10 unnamed classes
 
 
 def test_exif_rotation_is_applied(photos, tiny_runner):

@@ -43,7 +43,7 @@ def torch_model():
 
 @pytest.fixture(scope="module")
 def onnx_path(folder, torch_model) -> Path:
-    return export_onnx(torch_model, folder / "tiny-svt.onnx").path
+    return export_onnx(torch_model, folder / "tiny-svt.onnx", verify=False).path  # the tests check parity
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +132,14 @@ def test_concurrent_requests_from_8_threads_equal_serial(predictor, images):
 
 
 def test_fixed_batch_export_runs_any_number_of_images(folder, torch_model, predictor, images):
-    fixed = Predictor(export_onnx(torch_model, folder / "tiny-svt-b2.onnx", batch=2).path)
+    fixed = Predictor(export_onnx(torch_model, folder / "tiny-svt-b2.onnx", batch=2, verify=False).path)
     batch = predictor.preprocess(images[:3])  # 3 images through a batch-2 graph: one full chunk, one padded
     np.testing.assert_allclose(fixed.run(batch), predictor.run(batch), atol=1e-5, rtol=0)
 
 
 def test_embedding_export_returns_embeddings(folder, images):
     model = create_model(tiny_config("tiny-svt"), weights=tiny_weights("tiny-svt"), output="embedding")
-    embedder = Predictor(export_onnx(model, folder / "tiny-svt-embedding.onnx", head="embedding").path)
+    embedder = Predictor(export_onnx(model, folder / "tiny-svt-embedding.onnx", head="embedding", verify=False).path)
     batch = embedder.preprocess(images)
     with torch.no_grad():
         reference = model(torch.from_numpy(batch)).numpy()

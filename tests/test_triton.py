@@ -44,7 +44,7 @@ def torch_model():
 
 @pytest.fixture(scope="module")
 def onnx_path(folder, torch_model):
-    return export_onnx(torch_model, folder / "tiny-svt.onnx").path
+    return export_onnx(torch_model, folder / "tiny-svt.onnx", verify=False).path  # parity: test_runtime
 
 
 def parse_config(model_dir) -> model_config_pb2.ModelConfig:
@@ -108,7 +108,7 @@ def test_tensorrt_plan_uses_the_tensorrt_backend_with_fp32_io(onnx_path, tmp_pat
 
 
 def test_plan_tensors_and_batch_profile_are_checked(onnx_path):
-    model = describe_model(onnx_path, plan=onnx_path, max_batch=16)
+    model = describe_model(onnx_path, max_batch=16)
     check_plan_io(model, ["logits", "pixel_values"], 16)
     check_plan_io(model, ["logits", "pixel_values"], None)
     with pytest.raises(UsageError, match="differ from the ONNX file's"):
@@ -143,7 +143,7 @@ def test_preferred_batch_sizes(max_batch, preferred):
 
 
 def test_no_batching_keeps_the_full_shape(folder, torch_model, tmp_path):
-    fixed = export_onnx(torch_model, folder / "tiny-svt-b1.onnx", batch=1).path
+    fixed = export_onnx(torch_model, folder / "tiny-svt-b1.onnx", batch=1, verify=False).path
     with pytest.raises(UsageError, match="fixed batch of 1 .* or pass --max-batch 0"):
         build_repository(fixed, tmp_path, max_batch=32)
     build_repository(fixed, tmp_path, max_batch=0)
@@ -154,7 +154,7 @@ def test_no_batching_keeps_the_full_shape(folder, torch_model, tmp_path):
 
 def test_embedding_model_has_no_labels(folder, tmp_path):
     model = create_model(tiny_config("tiny-pcpvt"), weights=tiny_weights("tiny-pcpvt"), output="embedding")
-    path = export_onnx(model, folder / "tiny-pcpvt-embedding.onnx", head="embedding").path
+    path = export_onnx(model, folder / "tiny-pcpvt-embedding.onnx", head="embedding", verify=False).path
     report = build_repository(path, tmp_path)
     config = parse_config(report.model_dir)
     width = model.config.embed_dims[-1]
@@ -214,6 +214,11 @@ def test_cli_writes_the_repository_and_reports_json(onnx_path, tmp_path):
 def test_cli_errors_are_one_line(onnx_path, tmp_path):
     missing = runner.invoke(app, ["triton", "--onnx", str(tmp_path / "missing.onnx"), "--output", str(tmp_path)])
     assert missing.exit_code == 2 and "ONNX file not found" in missing.output and "Traceback" not in missing.output
-    plan_on_cpu = runner.invoke(app, ["triton", "--onnx", str(onnx_path), "--plan", str(onnx_path), "--device", "cpu",
-                                      "--output", str(tmp_path)])
+    (tmp_path / "tiny.plan").write_bytes(b"engine")
+    plan_on_cpu = runner.invoke(app, ["triton", "--onnx", str(onnx_path), "--plan", str(tmp_path / "tiny.plan"),
+                                      "--device", "cpu", "--output", str(tmp_path)])
     assert plan_on_cpu.exit_code == 2 and "GPU only" in plan_on_cpu.output
+    onnx_as_plan = runner.invoke(app, ["triton", "--onnx", str(onnx_path), "--plan", str(onnx_path),
+                                       "--output", str(tmp_path)])
+    assert onnx_as_plan.exit_code == 2 and "not an ONNX file" in onnx_as_plan.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.plan"], "nothing written on errors"

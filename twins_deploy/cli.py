@@ -121,7 +121,8 @@ def triton(
     console.print(table)
     batching = (f"max batch {model.max_batch_size}, preferred {list(model.preferred_batch_sizes)}, "
                 f"queue delay {model.max_queue_delay_us} us" if model.max_batch_size else "no batching")
-    console.print(f"{batching}; {model.instances} x {model.kind}; files: {', '.join(report.files)}", highlight=False)
+    console.print(f"{batching}; {model.instances} x {model.kind}", highlight=False)
+    console.print(f"files: {', '.join(report.files)}", highlight=False, soft_wrap=True)
     gpus = "--gpus all " if model.kind == "KIND_GPU" else ""
     console.print(f"serve: docker run {gpus}--rm -p 8000:8000 -p 8001:8001 -p 8002:8002 "
                   f"-v {report.repository.resolve()}:/models {TRITON_IMAGE} tritonserver --model-repository=/models",
@@ -184,8 +185,14 @@ def build(
         from twins_deploy.engines.artifacts import cache_dir
         from twins_deploy.engines.resolve import Builds
 
+        from twins_deploy.engines.artifacts import onnx_metadata
+        from twins_deploy.engines.build import default_output
+
         source = _source(model, weights, img_size, num_classes)
         onnx = Builds(source, cache_dir() / source.cache_key(), _log).fp32_onnx()
+        meta = onnx_metadata(onnx)  # the export lives in the cache; the result goes to the current folder
+        output = output or default_output(Path(f"{meta.model}-{meta.input_size[0]}x{meta.input_size[1]}.onnx"),
+                                          precision.lower(), backend.lower())
     report = build_artifact(onnx, precision.lower(), backend.lower(), output=output, calib=calib,
                             calib_images=calib_images, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                             workspace_gb=workspace, timing_cache=timing_cache, log=_log)
@@ -401,3 +408,69 @@ def verify(
     if not report.passed:
         _log(f"verify failed: {', '.join(k for k, ok in report.checks.items() if not ok)} outside the {report.precision} limits")
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    model: ModelOption,
+    weights: WeightsOption = "pretrained",
+    img_size: ImgSizeOption = None,
+    batch: Annotated[str, typer.Option(help="'dynamic' (any batch at run time) or a fixed batch size.")] = "dynamic",
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="ONNX file to write. Default: <model>-<H>x<W>.onnx in the current folder.")] = None,
+    opset: Annotated[int, typer.Option(
+        help="ONNX opset, 17 to 23. 17 is the lowest with LayerNormalization as one node.")] = 17,
+    head: Annotated[str, typer.Option(
+        help="logits (classes), embedding (pooled features) or features (the four NCHW stage maps).")] = "logits",
+    simplify: Annotated[bool, typer.Option(
+        "--simplify/--no-simplify", help="Fold constants and drop dead nodes (onnxscript optimizer).")] = True,
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Compare onnxruntime (CPU) with PyTorch at batch 1 and 3; exit 1 above 1e-4 relative.")] = True,
+    num_classes: NumClassesOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Export a model to ONNX: static reshapes, one node per LayerNorm, metadata, verified against PyTorch."""
+    from twins_deploy.exporters.onnx import PARITY_MAX_REL, check_export_args, export_onnx
+
+    check_export_args(batch, opset, head)  # usage errors before the weights load
+    with err_console.status(f"exporting {model}", spinner="dots") as status:
+        report = export_onnx(model, output, weights=weights, img_size=img_size, batch=batch, opset=opset,
+                             head=head, simplify=simplify, verify=verify, num_classes=num_classes,
+                             progress=lambda message: status.update(message))
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_export(report)
+    if not report.passed:
+        worst = max(report.parity, key=lambda row: row["max_rel"])
+        err_console.print(f"error: the export differs from PyTorch by {worst['max_rel']:.2e} relative "
+                          f"({worst['output']}, batch {worst['batch']}), above {PARITY_MAX_REL:.0e}; "
+                          f"the file is kept for inspection: {report.path}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_export(report) -> None:
+    from rich.markup import escape
+
+    spec, meta = report.spec, report.metadata
+    batch = "batch" if spec.batch == "dynamic" else str(spec.batch)
+    table = Table(title=escape(f"{meta.model} {spec.img_size[0]}x{spec.img_size[1]} -> {report.path}"), show_header=False)
+    table.add_column("property", style="bold")
+    table.add_column("value")
+    table.add_row("opset", str(report.opset))
+    table.add_row("input", escape(f"pixel_values [{batch}, 3, {spec.img_size[0]}, {spec.img_size[1]}] float32"))
+    table.add_row("outputs", ", ".join(spec.output_names) + f" (head {spec.head})")
+    table.add_row("nodes", f"{report.num_nodes}: " + ", ".join(f"{op} {n}" for op, n in report.nodes_by_op.items()))
+    table.add_row("parameters", f"{report.params:,}")
+    table.add_row("file size", f"{report.file_bytes / 1e6:.1f} MB")
+    table.add_row("weights", escape(meta.weights or "unknown"))
+    for row in report.parity:
+        top1 = f", top-1 {row['top1_agreement']:.0%}" if row["top1_agreement"] is not None else ""
+        verdict = "ok" if row["passed"] else "FAILED"
+        table.add_row(f"parity b={row['batch']} {row['output']}",
+                      f"{verdict}: max abs {row['max_abs']:.2e}, rel {row['max_rel']:.2e}, "
+                      f"cosine {row['cosine']:.6f}{top1}")
+    if not report.verified:
+        table.add_row("parity", "not verified (--no-verify)")
+    table.add_row("time", f"{report.seconds:.1f} s")
+    console.print(table)

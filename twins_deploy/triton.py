@@ -109,6 +109,8 @@ def describe_model(onnx_path: str | Path, *, plan: str | Path | None = None, nam
         raise UsageError(f"ONNX file not found: {onnx_path}")
     if plan is not None and not Path(plan).is_file():
         raise UsageError(f"TensorRT plan not found: {plan}")
+    if plan is not None and Path(plan).suffix == ".onnx":
+        raise UsageError(f"--plan takes a TensorRT engine built from the ONNX file, not an ONNX file: {plan}")
     if max_batch < 0:
         raise UsageError(f"--max-batch must be 0 (no batching) or more, got {max_batch}")
     if instances < 1:
@@ -136,8 +138,8 @@ def describe_model(onnx_path: str | Path, *, plan: str | Path | None = None, nam
     if any(-1 in t.dims for t in outputs):  # an exporter left output dims symbolic: infer them from the graph
         graph = onnx.shape_inference.infer_shapes(proto).graph
         outputs = [_tensor(v, max_batch, onnx_path) for v in graph.output]
-    labels = metadata.class_names if any(t.name == "logits" for t in outputs) else ()
     logits = next((t for t in outputs if t.name == "logits"), None)
+    labels = metadata.class_names if logits else ()
     if logits is not None and labels and logits.dims[-1] not in (-1, len(labels)):
         raise TwinsDeployError(f"{onnx_path} has {logits.dims[-1]} classes but {len(labels)} class names in its "
                                "metadata: export it again")

@@ -32,3 +32,19 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def onnx_metadata(path: str | Path):
+    """The twins-deploy ``ModelMetadata`` an ONNX file carries (preprocessing, classes, precision)."""
+    import onnx
+
+    from twins_deploy.errors import TwinsDeployError
+    from twins_deploy.metadata import ModelMetadata
+
+    if not Path(path).is_file():
+        raise UsageError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise TwinsDeployError(f"cannot read {path} as ONNX: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))

@@ -49,9 +49,8 @@ def build(onnx: Path, precision: str, backend: str = "tensorrt", *, output: Path
           max_batch: int = 32, workspace_gb: float = 4.0, timing_cache: Path | None = None,
           log: Callable[[str], None] = lambda message: None) -> dict:
     """Build one artifact from an fp32 ONNX export; returns a report (paths, settings, parity)."""
-    from twins_deploy.engines.tensorrt_backend import (
-        BUILDER_FLAGS, QDQ_PRECISIONS, _onnx_metadata, build_engine, require_tensorrt,
-    )
+    from twins_deploy.engines.artifacts import onnx_metadata
+    from twins_deploy.engines.tensorrt_backend import BUILDER_FLAGS, QDQ_PRECISIONS, build_engine, require_tensorrt
 
     if backend not in BUILD_BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BUILD_BACKENDS)}, got {backend!r}")
@@ -66,7 +65,7 @@ def build(onnx: Path, precision: str, backend: str = "tensorrt", *, output: Path
         raise UsageError("--calib-images must be at least 1")
     if backend == "tensorrt":
         require_tensorrt()  # say what is missing before any long work
-    meta = _onnx_metadata(onnx)
+    meta = onnx_metadata(onnx)
     output = output or default_output(onnx, precision, backend)
     report = {"schema_version": 1, "backend": backend, "precision": precision, "onnx": str(onnx), "output": str(output)}
 

@@ -70,6 +70,29 @@ def _attention_matmuls(model) -> list[str]:
             if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
+def _unshare_initializers(model) -> None:
+    """Give every node its own copy of the constants it reads.
+
+    Exporters deduplicate equal tensors (all-zero biases of a seeded model, LayerNorm ones); once
+    the quantizer turns a Gemm's bias into int32 + DequantizeLinear, a Conv sharing that bias loses
+    its constant bias and onnxruntime's fast NCHWc convolution with it (measured: 1.78x -> 1.94x).
+    """
+    import copy
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    claimed = set()
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            if name in claimed:
+                duplicate = copy.deepcopy(initializers[name])
+                duplicate.name = f"{name}.{node.name or node.output[0]}.{slot}"
+                model.graph.initializer.append(duplicate)
+                node.input[slot] = duplicate.name
+            claimed.add(name)
+
+
 def _set_props(model, props: dict[str, str]) -> None:
     existing = {p.key: p for p in model.metadata_props}
     for key, value in props.items():
@@ -83,6 +106,7 @@ def quantize_int8(fp32_onnx: str | Path, output: str | Path, calibration: np.nda
                   calibration_source: str = "synthetic", batch: int = 8) -> dict:
     """Write a QDQ int8 ONNX calibrated on ``calibration`` (N, 3, H, W); returns what was done."""
     import onnx
+    import onnxruntime as ort
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -105,6 +129,7 @@ def quantize_int8(fp32_onnx: str | Path, output: str | Path, calibration: np.nda
             return None if chunk is None else {input_name: np.ascontiguousarray(chunk, np.float32)}
 
     cpu = target == "cpu"
+    _unshare_initializers(model)
     excluded = _attention_matmuls(model) if cpu else []
     extra = {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # fp32 out: bias and GELU stay exact
              "ActivationSymmetric": not cpu, "WeightSymmetric": True}
@@ -113,6 +138,7 @@ def quantize_int8(fp32_onnx: str | Path, output: str | Path, calibration: np.nda
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded, extra_options=extra)
     start = time.perf_counter()
     logging.disable(logging.WARNING)  # the quantizer logs advice on the root logger at every call
+    ort.set_default_logger_severity(3)  # and its calibration sessions warn about every unused initializer
     try:
         with atomic_output(output) as tmp:
             quantize_static(model, tmp, Batches(), **settings)

@@ -82,14 +82,14 @@ class Builds:
         return path
 
     def int8_onnx(self, target: str) -> Path:
+        from twins_deploy.engines.artifacts import onnx_metadata
         from twins_deploy.engines.quantize import quantize_int8, synthetic_images
-        from twins_deploy.engines.tensorrt_backend import _onnx_metadata
 
         path = self.folder / ("int8.onnx" if target == "cpu" else "int8-tensorrt.onnx")
         if not path.is_file():
             fp32 = self.fp32_onnx()
             self.log(f"quantizing to int8 for {target} ({CALIBRATION_IMAGES} synthetic calibration images, seed 0)")
-            images = synthetic_images(_onnx_metadata(fp32), CALIBRATION_IMAGES, seed=0)
+            images = synthetic_images(onnx_metadata(fp32), CALIBRATION_IMAGES, seed=0)
             quantize_int8(fp32, path, images, target=target,
                           calibration_source=f"synthetic, seed 0 ({CALIBRATION_IMAGES} images)")
         return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twins_deploy.engines.artifacts import atomic_output
+from twins_deploy.engines.artifacts import atomic_output, onnx_metadata
 from twins_deploy.engines.base import EngineInfo, Runner
 from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.metadata import ModelMetadata
@@ -182,7 +182,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, precision: str, *, m
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UsageError(f"ONNX file not found: {onnx_path}")
-    metadata = _onnx_metadata(onnx_path)
+    metadata = onnx_metadata(onnx_path)
     gpu_name, capability = _gpu()
     plan = build_plan(precision, metadata.extra.get("precision", "fp32"),
                       tuple(int(v) for v in capability.split(".")))
@@ -226,13 +226,6 @@ def build_engine(onnx_path: str | Path, output: str | Path, precision: str, *, m
         metadata=metadata.to_props(), build_seconds=round(time.perf_counter() - start, 1))
     write_sidecar(output, sidecar)
     return sidecar
-
-
-def _onnx_metadata(path: Path) -> ModelMetadata:
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))
 
 
 # ---------------------------------------------------------------------------------------------

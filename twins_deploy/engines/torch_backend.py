@@ -7,24 +7,8 @@ import numpy as np
 
 from twins_deploy.engines.base import EngineInfo, Runner
 from twins_deploy.errors import UsageError
-from twins_deploy.metadata import ModelMetadata, imagenet_class_names
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def model_metadata(model) -> ModelMetadata:
-    """The metadata an export of ``model`` would carry, so a torch engine preprocesses identically."""
-    import torch
-
-    from twins_deploy import __version__
-
-    spec, source = model.spec, model.weights_source
-    classes = imagenet_class_names() if model.config.num_classes == 1000 else []
-    return ModelMetadata(
-        model=spec.name, input_size=tuple(model.img_size), mean=tuple(spec.mean), std=tuple(spec.std),
-        interpolation=spec.interpolation, crop_pct=spec.crop_pct, output=model.output,
-        class_names=tuple(classes), weights=str(source) if source else "", weights_sha256=getattr(source, "sha256", None) or "",
-        twins_deploy_version=__version__, torch_version=torch.__version__)
 
 
 class TorchRunner(Runner):
@@ -42,6 +26,8 @@ class TorchRunner(Runner):
     def _activate(self) -> None:
         import torch
 
+        from twins_deploy.exporters.onnx import export_metadata
+
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("the torch engine was asked for CUDA but torch sees no CUDA GPU")
         if self.threads:
@@ -51,9 +37,10 @@ class TorchRunner(Runner):
         self._model = model.to(self.device, self._dtype).eval()
         self._forward = torch.compile(self._model) if self.compile else self._model
         self._outputs = ("stage0", "stage1", "stage2", "stage3") if model.output == "features" else (model.output,)
-        self._info = EngineInfo(
+        self._info = EngineInfo(  # the metadata an export would carry, so preprocessing is identical
             name=self.name, backend="torch", device=self.device, precision=self.precision, input_name="pixel_values",
-            input_shape=(-1, 3, *model.img_size), output_names=self._outputs, metadata=model_metadata(model),
+            input_shape=(-1, 3, *model.img_size), output_names=self._outputs,
+            metadata=export_metadata(model, model.output),
             details={"torch": torch.__version__, "compile": self.compile, "threads": torch.get_num_threads()})
 
     def _deactivate(self) -> None:
