@@ -30,20 +30,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="timed seconds per engine and batch size")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--engines", default="torch,onnx,int8")
+    parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
+    parser.add_argument("--clock", default="wall", help="wall, or cpu (process CPU time) for a shared machine")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    bench_json = RESULTS / f"bench-{args.model}-cpu.json"
+    suffix = (f"-{args.threads}thread" if args.threads else "") + ("-cputime" if args.clock == "cpu" else "")
+    bench_json = RESULTS / f"bench-{args.model}-cpu{suffix}.json"
     verify_json = RESULTS / f"verify-{args.model}-int8.json"
     common = ["--model", args.model, "--weights", args.weights]
     engines = [flag for engine in args.engines.split(",") for flag in ("--engine", engine)]
-    run(["bench", *common, *engines, "--batch", args.batch, "--seconds", str(args.seconds), "--rounds",
-         str(args.rounds), "--json", str(bench_json)])
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    run(["bench", *common, *engines, *threads, "--clock", args.clock, "--batch", args.batch, "--seconds",
+         str(args.seconds), "--rounds", str(args.rounds), "--json", str(bench_json)])
     with open(verify_json, "w") as handle:
         subprocess.run(["twins-deploy", "verify", *common, "--engine", "int8", "--samples",
                         "32", "--json"], check=False, stdout=handle)
     bench, verify = json.loads(bench_json.read_text()), json.loads(verify_json.read_text())
     machine = bench["machine"]
-    print(f"\n{machine['cpu']}, {machine['cpu_threads']} threads; "
+    print(f"\n{machine['cpu']}, {machine['cpu_threads']} threads, engines on {args.threads or 'all'}, "
+          f"{args.clock} clock; "
           + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()))
     print("\n| engine | batch | p50 ms | p90 ms | p99 ms | img/s | speed-up vs " + bench["results"][0]["engine"] + " |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from importlib.metadata import version
 
 import numpy as np
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import tiny_config, tiny_weights
 from twins_deploy.cli import app
 from twins_deploy.engines.base import EngineInfo, Runner
-from twins_deploy.engines.bench import bench, describe_machine, measure, summarize
+from twins_deploy.engines.bench import CpuClock, PerfClock, bench, describe_machine, measure, summarize
 from twins_deploy.engines.torch_backend import TorchRunner
 from twins_deploy.errors import UsageError
 from twins_deploy.models import create_model
@@ -119,6 +120,25 @@ def test_bench_interleaves_rounds_and_reports_ratios(tiny):
                                             "speedup_vs_first", "gpu_compute_ms_p50"}
 
 
+def test_cpu_clock_does_not_count_time_spent_waiting(tiny):
+    class Sleeps(Runner):
+        def _activate(self):
+            tiny.activate()
+
+        def _infer(self, batch):
+            time.sleep(0.05)  # descheduled, as under a noisy neighbour
+            return tiny.infer(batch)
+
+        def _describe(self):
+            return tiny.describe()
+
+    batch = np.zeros((1, 3, 64, 64), np.float32)
+    with Sleeps() as sleeper:
+        (wall,), _ = measure(sleeper, batch, iters=1, clock=PerfClock())
+        (cpu,), _ = measure(sleeper, batch, iters=1, clock=CpuClock())
+    assert wall >= 0.05 and cpu < 0.04
+
+
 def test_bench_refuses_bad_settings(tiny):
     with pytest.raises(UsageError):
         bench([tiny], [1], iters=2, rounds=3)
@@ -160,6 +180,7 @@ def test_bench_command_writes_json_and_csv_with_ratios(tiny_onnx, tmp_path):
     (["--batch", "1,x"], "comma-separated integers"),
     (["--batch", "0"], "positive sizes"),
     (["--iters", "5", "--seconds", "1"], "not both"),
+    (["--clock", "sundial"], "--clock must be one of wall, cpu"),
 ])
 def test_bench_command_usage_errors(tiny_onnx, args, message):
     result = runner.invoke(app, ["bench", "--engine", str(tiny_onnx), *args])

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from typer.testing import CliRunner
 
+import twins_deploy
 from conftest import golden, tiny_config, tiny_weights
 from twins_deploy.cli import app
 from twins_deploy.engines import ENGINES, Capabilities, ModelSource, open_engine, resolve_name
@@ -257,10 +258,10 @@ def test_fp16_onnx_keeps_layernorm_and_softmax_in_fp32_and_runs_on_cpu(folder, f
 def test_named_engines_are_built_once_into_the_cache(tmp_path):
     logs = []
     r = open_engine("int8", tiny_source(), caps=CPU, cache=tmp_path, log=logs.append)
-    (model_folder,) = tmp_path.iterdir()
-    assert model_folder.name.startswith("custom-") and model_folder.name.endswith("-224x224-tiny-svt-"
-                                                                                 + model_folder.name.split("-")[-2]
-                                                                                 + "-10cls")
+    (version,) = tmp_path.iterdir()
+    (model_folder,) = version.iterdir()
+    assert version.name == twins_deploy.__version__
+    assert re.fullmatch(r"custom-[0-9a-f]{10}-224x224-tiny-svt-[0-9a-f]{12}-10cls", model_folder.name)
     assert sorted(p.name for p in model_folder.iterdir()) == ["fp32.onnx", "int8.onnx"]
     built = (model_folder / "int8.onnx").stat().st_mtime_ns
     with r:
@@ -317,7 +318,7 @@ def test_verify_and_build_commands_on_svt_s(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["engine"] == "onnx-int8" and report["passed"] and report["parity"]["cosine"] >= 0.99
-    fp32 = next((tmp_path / "cache").glob("svt-s-224x224-random-1000cls/fp32.onnx"))
+    fp32 = next((tmp_path / "cache").glob("*/svt-s-224x224-random-1000cls/fp32.onnx"))
     result = runner.invoke(app, ["build", "--onnx", str(fp32), "--backend", "onnxruntime", "--precision", "int8",
                                  "--calib-images", "4", "--output", str(tmp_path / "svt-s.int8.onnx"), "--json"])
     assert result.exit_code == 0, result.output

@@ -158,8 +158,10 @@ def _source(model: Optional[str], weights: str, img_size: Optional[str], num_cla
 
 @app.command()
 def build(
-    precision: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8 or best (TensorRT); int8 or fp16 (onnxruntime).")],
-    onnx: Annotated[Optional[Path], typer.Option(help="The fp32 ONNX export (default: export --model into the cache).")] = None,
+    precision: Annotated[str, typer.Option(
+        help="fp32, fp16, bf16, int8 or best (TensorRT); int8 or fp16 (onnxruntime).")],
+    onnx: Annotated[Optional[Path], typer.Option(
+        help="The fp32 ONNX export (default: export --model into the cache).")] = None,
     backend: Annotated[str, typer.Option(help="tensorrt (an engine) or onnxruntime (an int8/fp16 ONNX).")] = "tensorrt",
     model: OptionalModelOption = None,
     weights: WeightsOption = "pretrained",
@@ -173,7 +175,8 @@ def build(
     calib_images: Annotated[int, typer.Option(help="How many calibration images to use.")] = 32,
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file, read and updated.")] = None,
     workspace: Annotated[float, typer.Option(help="TensorRT workspace limit in GB.")] = 4.0,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: next to the ONNX).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Output file (default: next to the ONNX).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Build a TensorRT engine (fp32/fp16/bf16/int8/best, batch profile, sidecar JSON) or an int8/fp16 ONNX."""
@@ -182,14 +185,12 @@ def build(
     if onnx is None:
         if model is None:
             raise _usage("pass --onnx PATH (an fp32 export) or --model NAME to export one first")
-        from twins_deploy.engines.artifacts import cache_dir
-        from twins_deploy.engines.resolve import Builds
-
         from twins_deploy.engines.artifacts import onnx_metadata
         from twins_deploy.engines.build import default_output
+        from twins_deploy.engines.resolve import Builds, model_folder
 
         source = _source(model, weights, img_size, num_classes)
-        onnx = Builds(source, cache_dir() / source.cache_key(), _log).fp32_onnx()
+        onnx = Builds(source, model_folder(source), _log).fp32_onnx()
         meta = onnx_metadata(onnx)  # the export lives in the cache; the result goes to the current folder
         output = output or default_output(Path(f"{meta.model}-{meta.input_size[0]}x{meta.input_size[1]}.onnx"),
                                           precision.lower(), backend.lower())
@@ -199,8 +200,8 @@ def build(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.1f} MB, {report['backend']} {report['precision']})",
-                  highlight=False)
+    console.print(f"wrote {report['output']} ({report['bytes'] / 1e6:.1f} MB, "
+                  f"{report['backend']} {report['precision']})", highlight=False)
     parity = report.get("parity_vs_fp32")
     if isinstance(parity, dict):
         top1 = f", top-1 agreement {parity['top1_agreement']:.1%}" if parity["top1_agreement"] is not None else ""
@@ -223,6 +224,8 @@ def bench(
     seconds: Annotated[Optional[float], typer.Option(
         help="Timed seconds per engine and batch size (default 5 when --iters is not given).")] = None,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds the timed runs are split into.")] = 3,
+    clock: Annotated[str, typer.Option(
+        help="wall (time a caller waits) or cpu (process CPU time: for shared machines, with --threads 1).")] = "wall",
     threads: ThreadsOption = None,
     compile: Annotated[bool, typer.Option("--compile", help="Wrap torch engines in torch.compile.")] = False,
     cuda_graph: Annotated[bool, typer.Option(help="Replay TensorRT engines as CUDA graphs.")] = True,
@@ -239,7 +242,7 @@ def bench(
 
     from twins_deploy.engines import open_engine
     from twins_deploy.engines.artifacts import atomic_output
-    from twins_deploy.engines.bench import bench as run_bench, bench_report, describe_machine
+    from twins_deploy.engines.bench import CLOCKS, bench as run_bench, bench_report, describe_machine
 
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]
@@ -250,6 +253,8 @@ def bench(
     if iters is not None and seconds is not None:
         raise _usage("give --iters or --seconds, not both")
     seconds = 5.0 if iters is None and seconds is None else seconds
+    if clock not in CLOCKS:
+        raise _usage(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     source = _source(model, weights, img_size, num_classes)
     with ExitStack() as stack:
         runners = [stack.enter_context(open_engine(e, source, threads=threads, compile=compile, cuda_graph=cuda_graph,
@@ -269,10 +274,10 @@ def bench(
                 last[0] = now
 
             rows = run_bench(runners, batches, warmup=warmup, iters=iters, seconds=seconds, rounds=rounds,
-                             on_step=step)
+                             clock=CLOCKS[clock](), on_step=step)
     machine = describe_machine()
     settings = {"model": model, "weights": weights, "engines": engine, "batches": batches, "warmup": warmup,
-                "iters": iters, "seconds": seconds, "rounds": rounds, "threads": threads}
+                "iters": iters, "seconds": seconds, "rounds": rounds, "threads": threads, "clock": clock}
     report = bench_report(rows, machine, settings)
     if json_path:
         with atomic_output(json_path) as tmp:
@@ -286,7 +291,8 @@ def bench(
             tmp.write_text(buffer.getvalue())
     gpu = machine["gpu"]["name"] if machine["gpu"] else "no GPU"
     libraries = ", ".join(f"{k} {v}" for k, v in machine["libraries"].items())
-    table = Table(title=f"{machine['cpu']} ({machine['cpu_threads']} threads), {gpu}", caption=libraries)
+    table = Table(title=f"{machine['cpu']} ({machine['cpu_threads']} threads), {gpu}; {clock} clock",
+                  caption=libraries)
     on_gpu = any(row.gpu_compute_ms_p50 is not None for row in rows)
     columns = ["engine", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "img/s"]
     columns += ["GPU p50 ms"] * on_gpu + ["vs first"] * (len(engine) > 1)
@@ -361,10 +367,12 @@ def verify(
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="The reference model (default: the one the engine's metadata names).")] = None,
     weights: Annotated[Optional[str], typer.Option(
-        help="The reference weights: 'pretrained', 'random' or a path (default: those the engine was exported from).")] = None,
+        help="The reference weights: 'pretrained', 'random' or a path "
+             "(default: those the engine was exported from).")] = None,
     img_size: ImgSizeOption = None,
     num_classes: NumClassesOption = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder of images to compare on (default: seeded synthetic images).")] = None,
+    images: Annotated[Optional[Path], typer.Option(
+        help="Folder of images to compare on (default: seeded synthetic images).")] = None,
     samples: Annotated[int, typer.Option(help="How many images to compare on.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Images per engine call.")] = 8,
     as_json: JsonFlag = False,
@@ -406,7 +414,8 @@ def verify(
         if "top1_agreement" not in report.checks and p.top1_agreement is not None:
             _log("note: top-1 agreement is not enforced with random weights (their logits are near ties)")
     if not report.passed:
-        _log(f"verify failed: {', '.join(k for k, ok in report.checks.items() if not ok)} outside the {report.precision} limits")
+        failed = ", ".join(k for k, ok in report.checks.items() if not ok)
+        _log(f"verify failed: {failed} outside the {report.precision} limits")
         raise typer.Exit(1)
 
 
@@ -450,8 +459,6 @@ def export(
 
 
 def _print_export(report) -> None:
-    from rich.markup import escape
-
     spec, meta = report.spec, report.metadata
     batch = "batch" if spec.batch == "dynamic" else str(spec.batch)
     table = Table(title=escape(f"{meta.model} {spec.img_size[0]}x{spec.img_size[1]} -> {report.path}"), show_header=False)

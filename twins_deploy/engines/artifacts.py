@@ -46,5 +46,6 @@ def onnx_metadata(path: str | Path):
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise TwinsDeployError(f"cannot read {path} as ONNX: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TwinsDeployError(f"cannot read {path} as ONNX: {why}") from None
     return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))

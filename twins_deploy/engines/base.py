@@ -71,7 +71,8 @@ class Runner(ABC):
         info = self.describe()
         expected = info.input_shape[1:]
         if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(expected):
-            raise UsageError(f"input has shape {tuple(batch.shape)}, the engine takes (B, {', '.join(map(str, expected))})")
+            raise UsageError(f"input has shape {tuple(batch.shape)}, "
+                             f"the engine takes (B, {', '.join(map(str, expected))})")
         if info.max_batch is not None and batch.shape[0] > info.max_batch:
             raise UsageError(f"batch {batch.shape[0]} is larger than the engine's maximum {info.max_batch}: "
                              "rebuild it with a larger --max-batch or use a smaller batch")

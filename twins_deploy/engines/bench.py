@@ -27,8 +27,21 @@ class Clock(Protocol):
 
 
 class PerfClock:
+    """Wall-clock time: what a caller waits."""
+
     def now(self) -> float:
         return time.perf_counter()
+
+
+class CpuClock:
+    """CPU time of this process, all threads: on a shared machine, with one thread per engine, the
+    compute an inference costs whatever the neighbours do (time spent descheduled is not counted)."""
+
+    def now(self) -> float:
+        return time.process_time()
+
+
+CLOCKS = {"wall": PerfClock, "cpu": CpuClock}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ def calibration_set(meta, calib: Path | None, count: int, log: Callable[[str], N
     from twins_deploy.engines.quantize import folder_images, synthetic_images
 
     if calib is None:
-        return synthetic_images(meta, count, seed=CALIBRATION_SEED), f"synthetic, seed {CALIBRATION_SEED} ({count} images)"
+        described = f"synthetic, seed {CALIBRATION_SEED} ({count} images)"
+        return synthetic_images(meta, count, seed=CALIBRATION_SEED), described
     images, skipped = folder_images(calib, meta, count)
     if skipped:
         log(f"calibration skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
@@ -91,7 +92,8 @@ def build(onnx: Path, precision: str, backend: str = "tensorrt", *, output: Path
             source = output.with_name(output.name + ".qdq.onnx")
             images, described = calibration_set(meta, calib, calib_images, log)
             log(f"inserting Q/DQ before every MatMul/Gemm (symmetric int8), calibrated on {described}")
-            report["quantization"] = quantize_int8(onnx, source, images, target="tensorrt", calibration_source=described)
+            report["quantization"] = quantize_int8(onnx, source, images, target="tensorrt",
+                                                   calibration_source=described)
             report["qdq_onnx"] = str(source)
         log(f"building a TensorRT {precision} engine (batch {min_batch}/{opt_batch}/{max_batch}); this takes minutes")
         sidecar = build_engine(source, output, precision, min_batch=min_batch, opt_batch=opt_batch,

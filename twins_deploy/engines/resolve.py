@@ -32,6 +32,10 @@ class ModelSource:
     img_size: object = None
     num_classes: int | None = None
 
+    @property
+    def label(self) -> str:
+        return self.model if isinstance(self.model, str) else getattr(self.model, "name", "a custom Twins")
+
     def create(self):
         from twins_deploy.models import create_model
 
@@ -74,11 +78,11 @@ class Builds:
 
         path = self.folder / "fp32.onnx"
         if not path.is_file():
-            self.log(f"exporting {self.source.model} to ONNX in {self.folder} (first use)")
+            self.log(f"exporting {self.source.label} to ONNX in {self.folder} (first use)")
             with atomic_output(path) as tmp:
                 report = export_onnx(self.source.create(), tmp, batch="dynamic")
                 if not report.passed:
-                    raise TwinsDeployError(f"the ONNX export of {self.source.model} failed its parity check")
+                    raise TwinsDeployError(f"the ONNX export of {self.source.label} failed its parity check")
         return path
 
     def int8_onnx(self, target: str) -> Path:
@@ -105,10 +109,10 @@ class Builds:
         return path
 
     def tensorrt_plan(self, precision: str, max_batch: int) -> Path:
-        from twins_deploy.engines.tensorrt_backend import QDQ_PRECISIONS, _gpu, build_engine, require_tensorrt
+        from twins_deploy.engines.tensorrt_backend import QDQ_PRECISIONS, build_engine, gpu_identity, require_tensorrt
 
         trt = require_tensorrt()
-        gpu_name, capability = _gpu()
+        gpu_name, capability = gpu_identity()
         opt = min(8, max_batch)
         path = self.folder / f"trt-{precision}-b1-{opt}-{max_batch}-trt{trt.__version__}-sm{capability}.plan"
         if not path.is_file():
@@ -117,6 +121,13 @@ class Builds:
             build_engine(onnx, path, precision, min_batch=1, opt_batch=opt, max_batch=max_batch,
                          timing_cache=self.folder.parent / f"timing-trt{trt.__version__}-sm{capability}.cache")
         return path
+
+
+def model_folder(source: ModelSource, cache: Path | None = None) -> Path:
+    """Where ``source``'s artifacts live: per twins-deploy version, so a new exporter never reuses old files."""
+    from twins_deploy import __version__
+
+    return (cache or cache_dir()) / __version__ / source.cache_key()
 
 
 def engine_kind(engine: str) -> str:
@@ -151,11 +162,12 @@ def open_engine(engine: str, source: ModelSource | None = None, *, caps: Capabil
 
         return TorchRunner(source.create, device=device, precision=fmt.precision, compile=compile, threads=threads,
                            name=fmt.name)
-    builds = Builds(source, (cache or cache_dir()) / source.cache_key(), log)
+    builds = Builds(source, model_folder(source, cache), log)
     if fmt.backend == "onnxruntime":
         from twins_deploy.engines.onnxruntime_backend import OnnxRuntimeRunner
 
-        path = {"fp32": builds.fp32_onnx, "fp16": builds.fp16_onnx, "int8": lambda: builds.int8_onnx("cpu")}[fmt.precision]()
+        make = {"fp32": builds.fp32_onnx, "fp16": builds.fp16_onnx, "int8": lambda: builds.int8_onnx("cpu")}
+        path = make[fmt.precision]()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         return OnnxRuntimeRunner(path, providers=providers, threads=threads, name=fmt.name)
     from twins_deploy.engines.tensorrt_backend import TensorRTRunner

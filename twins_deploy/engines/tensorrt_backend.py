@@ -50,7 +50,8 @@ class BuildPlan:
     strongly_typed: bool  # types come from the ONNX itself; no precision flags allowed then
 
 
-def build_plan(precision: str, onnx_precision: str = "fp32", compute_capability: tuple[int, int] | None = None) -> BuildPlan:
+def build_plan(precision: str, onnx_precision: str = "fp32",
+               compute_capability: tuple[int, int] | None = None) -> BuildPlan:
     """Builder flags for ``precision`` from an ONNX holding ``onnx_precision``, checked against the GPU."""
     if precision not in BUILDER_FLAGS:
         raise UsageError(f"TensorRT precision must be one of {', '.join(BUILDER_FLAGS)}, got {precision!r}")
@@ -60,8 +61,8 @@ def build_plan(precision: str, onnx_precision: str = "fp32", compute_capability:
                              "or build other precisions from the fp32 export")
         return BuildPlan((), strongly_typed=True)
     if (precision in QDQ_PRECISIONS) != (onnx_precision == "int8"):
-        need = "the int8 Q/DQ ONNX ('twins-deploy build' makes it from the fp32 export)" if precision in QDQ_PRECISIONS \
-            else "the fp32 export"
+        need = ("the int8 Q/DQ ONNX ('twins-deploy build' makes it from the fp32 export)"
+                if precision in QDQ_PRECISIONS else "the fp32 export")
         raise UsageError(f"a TensorRT {precision} engine is built from {need}, not from an {onnx_precision} ONNX")
     if "BF16" in BUILDER_FLAGS[precision] and compute_capability and compute_capability < (8, 0):
         major, minor = compute_capability
@@ -162,7 +163,8 @@ def check_sidecar(sidecar: Sidecar, tensorrt_version: str, gpu_name: str, comput
     return []
 
 
-def _gpu() -> tuple[str, str]:
+def gpu_identity() -> tuple[str, str]:
+    """This GPU's name and compute capability ("9.0"), as the sidecar records them."""
     import torch
 
     major, minor = torch.cuda.get_device_capability()
@@ -183,7 +185,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, precision: str, *, m
     if not onnx_path.is_file():
         raise UsageError(f"ONNX file not found: {onnx_path}")
     metadata = onnx_metadata(onnx_path)
-    gpu_name, capability = _gpu()
+    gpu_name, capability = gpu_identity()
     plan = build_plan(precision, metadata.extra.get("precision", "fp32"),
                       tuple(int(v) for v in capability.split(".")))
     profile = profile_shapes("pixel_values", metadata.input_size, min_batch, opt_batch, max_batch)
@@ -221,7 +223,8 @@ def build_engine(onnx_path: str | Path, output: str | Path, precision: str, *, m
     sidecar = Sidecar(
         tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability, precision=precision,
         flags=plan.flags, strongly_typed=plan.strongly_typed,
-        profile={"input_name": input_name, "min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
+        profile={"input_name": input_name, "min": list(profile.min), "opt": list(profile.opt),
+                 "max": list(profile.max)},
         onnx_sha256=sha256_of(onnx_path), onnx_path=str(onnx_path), workspace_gb=workspace_gb,
         metadata=metadata.to_props(), build_seconds=round(time.perf_counter() - start, 1))
     write_sidecar(output, sidecar)
@@ -251,14 +254,14 @@ class TensorRTRunner(Runner):
         if not self.path.is_file():
             raise UsageError(f"engine file not found: {self.path}")
         sidecar = read_sidecar(self.path)
-        gpu_name, capability = _gpu()
+        gpu_name, capability = gpu_identity()
         self.warnings = check_sidecar(sidecar, trt.__version__, gpu_name, capability, str(self.path))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
             raise TwinsDeployError(f"TensorRT {trt.__version__} cannot load {self.path}: it was made by another "
-                                   f"TensorRT version or GPU, or is not an engine; rebuild it with 'twins-deploy build'")
+                                   "TensorRT version or GPU, or is not an engine; rebuild it with 'twins-deploy build'")
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

@@ -59,7 +59,9 @@ def reference_weights(meta: ModelMetadata) -> str:
                      "pass --weights PATH")
 
 
-def verification_inputs(meta: ModelMetadata, images: str | Path | None, samples: int, seed: int = 1) -> tuple[np.ndarray, str]:
+def verification_inputs(meta: ModelMetadata, images: str | Path | None, samples: int,
+                        seed: int = 1) -> tuple[np.ndarray, str]:
+    """Preprocessed images from a folder, or seeded synthetic ones; and a description for the report."""
     from twins_deploy.engines.quantize import folder_images, synthetic_images
 
     if images is not None:
@@ -87,8 +89,8 @@ def verify(runner: Runner, reference: Runner, inputs: np.ndarray, *, source: str
         want.append(_outputs(reference.infer(chunk), ref_info.output_names))
     candidate, expected = np.concatenate(got), np.concatenate(want)
     if candidate.shape != expected.shape:
-        raise UsageError(f"the engine outputs {candidate.shape[1]} values per image, the reference {expected.shape[1]}: "
-                         "pass the --model/--num-classes the engine was exported from")
+        raise UsageError(f"the engine outputs {candidate.shape[1]} values per image, the reference "
+                         f"{expected.shape[1]}: pass the --model/--num-classes the engine was exported from")
     classify = info.metadata.output == "logits"
     parity = compare(expected, candidate, classify=classify)
     threshold = THRESHOLDS[info.precision]
