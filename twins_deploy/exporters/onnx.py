@@ -398,6 +398,10 @@ def _lower_to_opset_17(proto: onnx.ModelProto) -> onnx.ModelProto:
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = 17
+    used = {name for node in graph.node for name in node.input}  # axes that became attributes
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return proto
 
 
