@@ -481,3 +481,6 @@ def _print_export(report) -> None:
         table.add_row("parity", "not verified (--no-verify)")
     table.add_row("time", f"{report.seconds:.1f} s")
     console.print(table)
+    if report.passed:
+        console.print(f"wrote {report.path} ({report.file_bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; next: "
+                      f"twins-deploy bench --engine {report.path} --batch 1,8", highlight=False, markup=False)

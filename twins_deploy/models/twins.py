@@ -290,6 +290,7 @@ class Twins(nn.Module):
 
 def to_size(img_size: int | tuple[int, int] | str, stride: int = 32) -> tuple[int, int]:
     """Parse 224, (224, 320) or '224x320' and check that both sides are multiples of ``stride``."""
+    given = img_size
     if isinstance(img_size, str):
         parts = img_size.lower().split("x")
         if not all(p.strip().isdigit() for p in parts) or len(parts) > 2:
@@ -299,7 +300,7 @@ def to_size(img_size: int | tuple[int, int] | str, stride: int = 32) -> tuple[in
     if len(size) == 1:
         size = (size[0], size[0])
     if len(size) != 2 or any(s <= 0 or s % stride for s in size):
-        raise ValueError(f"image height and width must be positive multiples of {stride}, got {img_size!r}")
+        raise ValueError(f"image height and width must be positive multiples of {stride}, got {given!r}")
     return int(size[0]), int(size[1])
 
 
