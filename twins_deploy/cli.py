@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -68,11 +69,11 @@ def models(as_json: JsonFlag = False) -> None:
     if as_json:
         print(json.dumps({"schema_version": 1, "models": rows}, indent=2))
         return
-    table = Table(title="Twins models")
+    table = Table(title="Twins models", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("name", "aliases", "params", "GFLOPs @224", "input", "hub id"):
         table.add_column(column, justify="right" if column in ("params", "GFLOPs @224") else "left")
     for row in rows:
-        table.add_row(row["name"], ", ".join(row["aliases"]), f"{row['params']:,}", f"{row['gflops_224']:.2f}",
+        table.add_row(row["name"], "\n".join(row["aliases"]), f"{row['params']:,}", f"{row['gflops_224']:.2f}",
                       "x".join(map(str, row["input_size"])), row["hub_id"])
     console.print(table)
 
@@ -291,17 +292,17 @@ def bench(
             tmp.write_text(buffer.getvalue())
     gpu = machine["gpu"]["name"] if machine["gpu"] else "no GPU"
     libraries = ", ".join(f"{k} {v}" for k, v in machine["libraries"].items())
-    table = Table(title=f"{machine['cpu']} ({machine['cpu_threads']} threads), {gpu}; {clock} clock",
-                  caption=libraries)
+    table = Table(title=f"{machine['cpu']} ({machine['cpu_threads']} threads), {gpu}; {clock} clock; latency in ms",
+                  caption=libraries, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)  # light borders: fits 80 columns
     on_gpu = any(row.gpu_compute_ms_p50 is not None for row in rows)
-    columns = ["engine", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "img/s"]
-    columns += ["GPU p50 ms"] * on_gpu + ["vs first"] * (len(engine) > 1)
+    columns = ["engine", "device", "batch", "p50", "p90", "p99", "mean", "min", "img/s"]
+    columns += ["GPU p50"] * on_gpu + ["vs first"] * (len(engine) > 1)
     for column in columns:
         table.add_column(column, justify="left" if column in ("engine", "device") else "right", no_wrap=True)
     for row in rows:
         s = row.stats
-        cells = [row.engine, row.device, str(row.batch), f"{s.latency_ms_p50:.2f}", f"{s.latency_ms_p90:.2f}",
-                 f"{s.latency_ms_p99:.2f}", f"{s.latency_ms_mean:.2f}", f"{s.latency_ms_min:.2f}",
+        cells = [row.engine, row.device, str(row.batch), f"{s.latency_ms_p50:.1f}", f"{s.latency_ms_p90:.1f}",
+                 f"{s.latency_ms_p99:.1f}", f"{s.latency_ms_mean:.1f}", f"{s.latency_ms_min:.1f}",
                  f"{s.throughput_img_per_s:.1f}"]
         cells += ["" if row.gpu_compute_ms_p50 is None else f"{row.gpu_compute_ms_p50:.2f}"] * on_gpu
         cells += [f"{row.speedup_vs_first:.2f}x"] * (len(engine) > 1)
