@@ -242,7 +242,7 @@ def bench(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from twins_deploy.engines import open_engine
-    from twins_deploy.engines.artifacts import atomic_output
+    from twins_deploy.files import atomic_output
     from twins_deploy.engines.bench import CLOCKS, bench as run_bench, bench_report, describe_machine
 
     try:

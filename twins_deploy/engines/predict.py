@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from twins_deploy.engines.artifacts import atomic_output
+from twins_deploy.files import atomic_output
 from twins_deploy.engines.base import Runner
 from twins_deploy.errors import TwinsDeployError, UsageError
 

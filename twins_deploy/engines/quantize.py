@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twins_deploy.engines.artifacts import atomic_output
+from twins_deploy.files import atomic_output
 from twins_deploy.errors import UsageError
 from twins_deploy.metadata import ModelMetadata
 

@@ -14,9 +14,10 @@ from typing import Callable
 from twins_deploy.engines.artifacts import cache_dir
 from twins_deploy.engines.base import Runner
 from twins_deploy.engines.table import (
-    CHECKPOINT_SUFFIXES, PLAN_SUFFIXES, PRECISIONS, Capabilities, EngineFormat, best_for_precision, detect_capabilities,
+    PLAN_SUFFIXES, PRECISIONS, Capabilities, EngineFormat, best_for_precision, detect_capabilities,
     device_for, engine_format, missing, runnable,
 )
+from twins_deploy.files import CHECKPOINT_SUFFIXES
 from twins_deploy.errors import TwinsDeployError, UsageError
 
 CALIBRATION_IMAGES = 32  # synthetic, seeded: what on-the-fly int8 builds calibrate on
@@ -73,7 +74,7 @@ class Builds:
     log: Callable[[str], None]
 
     def fp32_onnx(self) -> Path:
-        from twins_deploy.engines.artifacts import atomic_output
+        from twins_deploy.files import atomic_output
         from twins_deploy.exporters import export_onnx
 
         path = self.folder / "fp32.onnx"

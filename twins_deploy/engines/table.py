@@ -14,7 +14,6 @@ from twins_deploy.errors import UsageError
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "best")
 BACKENDS = ("tensorrt", "onnxruntime", "torch")  # fastest first where several can run a precision
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 PLAN_SUFFIXES = (".plan", ".engine")
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from twins_deploy.engines.artifacts import atomic_output, onnx_metadata
+from twins_deploy.engines.artifacts import onnx_metadata
+from twins_deploy.files import atomic_output
 from twins_deploy.engines.base import EngineInfo, Runner
 from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.metadata import ModelMetadata

@@ -26,7 +26,7 @@ class TorchRunner(Runner):
     def _activate(self) -> None:
         import torch
 
-        from twins_deploy.exporters.onnx import export_metadata
+        from twins_deploy.exporters.onnx import HEAD_OUTPUTS, export_metadata
 
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("the torch engine was asked for CUDA but torch sees no CUDA GPU")
@@ -36,7 +36,7 @@ class TorchRunner(Runner):
         self._dtype = getattr(torch, DTYPES[self.precision])
         self._model = model.to(self.device, self._dtype).eval()
         self._forward = torch.compile(self._model) if self.compile else self._model
-        self._outputs = ("stage0", "stage1", "stage2", "stage3") if model.output == "features" else (model.output,)
+        self._outputs = HEAD_OUTPUTS[model.output]  # the names an export of this head has
         self._info = EngineInfo(  # the metadata an export would carry, so preprocessing is identical
             name=self.name, backend="torch", device=self.device, precision=self.precision, input_name="pixel_values",
             input_shape=(-1, 3, *model.img_size), output_names=self._outputs,

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 from twins_deploy import __version__
 from twins_deploy.errors import TwinsDeployError, UsageError
+from twins_deploy.files import atomic_output
 from twins_deploy.metadata import ModelMetadata, imagenet_class_names
 
 if TYPE_CHECKING:
@@ -237,20 +237,13 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> int:
     if model.ByteSize() > _PROTOBUF_LIMIT:
         raise TwinsDeployError(f"cannot write {path}: the model is over 2 GiB, the limit of a single ONNX file")
     data = model.SerializeToString()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as handle:
+        with atomic_output(path) as tmp, open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise TwinsDeployError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return len(data)
 
 

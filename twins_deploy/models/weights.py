@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from twins_deploy.errors import TwinsDeployError, UsageError
+from twins_deploy.files import CHECKPOINT_SUFFIXES
 from twins_deploy.models.twins import ModelSpec, Twins, checkpoint_filter_fn, describe_state_dict, guess_variant
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 HUB_FILENAME = "model.safetensors"
 
 
