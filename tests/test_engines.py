@@ -196,6 +196,24 @@ def test_int8_is_qdq_with_per_channel_weights_and_keeps_its_metadata(int8_onnx):
     assert dequantized and all(s.ndim == 1 and s.size > 1 for s in scales)  # one scale per output channel
 
 
+def test_int8_for_cpu_quantizes_strided_convs_and_keeps_peg_and_attention_products_fp32(int8_onnx):
+    model = onnx.load(int8_onnx)
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def quantized(node) -> bool:
+        return all(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input[:2])
+
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    strided = [n for n in convs if n not in depthwise]
+    assert len(depthwise) == 4 and len(strided) == 4 + 3  # 4 PEGs; 4 patch embeds + 3 GSA sub-samplings
+    assert all(quantized(n) for n in strided) and not any(quantized(n) for n in depthwise)
+    attention = [n for n in model.graph.node if n.op_type == "MatMul" and not quantized(n)]
+    assert len(attention) == 2 * 8  # Q@K^T and attention@V in each of tiny-svt's 8 blocks
+    report = json.loads({p.key: p.value for p in model.metadata_props}["quantization"])
+    assert report["op_types"] == ["MatMul", "Gemm", "Conv"] and report["kept_fp32"] == len(depthwise) + len(attention)
+
+
 def test_int8_runs_close_to_fp32(int8_onnx, fp32_onnx):
     with open_engine(str(int8_onnx)) as r:
         info = r.describe()
