@@ -50,11 +50,13 @@ def main() -> None:
     print(f"\n{machine['cpu']}, {machine['cpu_threads']} threads, engines on {args.threads or 'all'}, "
           f"{args.clock} clock; "
           + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()))
-    print("\n| engine | batch | p50 ms | p90 ms | p99 ms | img/s | speed-up vs " + bench["results"][0]["engine"] + " |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| engine | batch | p50 ms | p90 ms | p99 ms | img/s | speed-up vs " + bench["results"][0]["engine"]
+          + " | range over rounds |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in bench["results"]:
         print(f"| {row['engine']} | {row['batch']} | {row['latency_ms_p50']:.1f} | {row['latency_ms_p90']:.1f} | "
-              f"{row['latency_ms_p99']:.1f} | {row['throughput_img_per_s']:.1f} | {row['speedup_vs_first']:.2f}x |")
+              f"{row['latency_ms_p99']:.1f} | {row['throughput_img_per_s']:.1f} | {row['speedup_vs_first']:.2f}x | "
+              f"{row['speedup_min']:.2f}-{row['speedup_max']:.2f} |")
     p = verify["parity"]
     print(f"\nint8 vs PyTorch fp32 on {verify['samples']} images ({verify['inputs']}): max abs {p['max_abs']:.3e}, "
           f"cosine {p['cosine']:.5f}, top-1 agreement {p['top1_agreement']:.1%}, "

@@ -38,6 +38,7 @@ class Takes(Runner):
     def __init__(self, inner: Runner, clock: FakeClock, seconds: float, name: str, calls: list):
         super().__init__()
         self.inner, self.clock, self.seconds, self.name, self.calls = inner, clock, seconds, name, calls
+        self.slowdown = 1.0  # the machine's state: a test changes it between rounds
 
     def _activate(self) -> None:
         self.inner.activate()
@@ -46,7 +47,7 @@ class Takes(Runner):
 
     def _infer(self, batch):
         self.calls.append((self.name, len(batch)))
-        self.clock.t += self.seconds
+        self.clock.t += self.seconds * self.slowdown
         return self.inner.infer(batch)
 
     def _describe(self):
@@ -115,9 +116,27 @@ def test_bench_interleaves_rounds_and_reports_ratios(tiny):
     assert by["fast", 2].stats.throughput_img_per_s == pytest.approx(2 / 0.004)
     assert by["slow", 2].speedup_vs_first == pytest.approx(1.0)
     assert by["fast", 1].speedup_vs_first == pytest.approx(2.5)
+    assert (by["fast", 1].speedup_min, by["fast", 1].speedup_max) == pytest.approx((2.5, 2.5))
     assert by["fast", 1].backend == "torch" and by["fast", 1].device == "cpu"
     assert set(by["fast", 1].as_dict()) >= {"engine", "batch", "latency_ms_p99", "throughput_img_per_s",
                                             "speedup_vs_first", "gpu_compute_ms_p50"}
+
+
+def test_ratios_are_taken_within_rounds_and_their_range_shows_how_steady_they_were(tiny):
+    clock, calls = FakeClock(), []
+    base, int8 = Takes(tiny, clock, 0.010, "base", calls), Takes(tiny, clock, 0.005, "int8", calls)
+    machine = iter([(3.0, 3.0), (1.2, 1.5), (1.0, 1.0), (1.0, 1.0)])  # (base, int8) slowdowns in rounds 2 to 5
+
+    def next_round():  # 20 iterations in 5 rounds: 4 per engine, 8 calls a round
+        if len(calls) % 8 == 0 and len(calls) < 40:
+            base.slowdown, int8.slowdown = next(machine)
+
+    with base, int8:
+        rows = bench([base, int8], [1], warmup=0, iters=20, rounds=5, clock=clock, on_step=next_round)
+    row = rows[1]  # round ratios 2, 2, 1.6, 2, 2
+    assert row.speedup_vs_first == pytest.approx(2.0)
+    assert (row.speedup_min, row.speedup_max) == pytest.approx((1.6, 2.0))
+    assert rows[0].speedup_vs_first == rows[0].speedup_min == rows[0].speedup_max == 1.0
 
 
 def test_cpu_clock_does_not_count_time_spent_waiting(tiny):

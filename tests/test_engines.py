@@ -16,7 +16,7 @@ from twins_deploy.cli import app
 from twins_deploy.engines import ENGINES, Capabilities, ModelSource, open_engine, resolve_name
 from twins_deploy.engines.onnxruntime_backend import OnnxRuntimeRunner
 from twins_deploy.engines.quantize import convert_fp16, quantize_int8, synthetic_images
-from twins_deploy.engines.resolve import engine_kind
+from twins_deploy.engines.resolve import build_fingerprint, engine_kind
 from twins_deploy.engines.table import format_table
 from twins_deploy.engines.torch_backend import TorchRunner
 from twins_deploy.engines.verify import THRESHOLDS, verification_inputs, verify
@@ -278,7 +278,7 @@ def test_named_engines_are_built_once_into_the_cache(tmp_path):
     r = open_engine("int8", tiny_source(), caps=CPU, cache=tmp_path, log=logs.append)
     (version,) = tmp_path.iterdir()
     (model_folder,) = version.iterdir()
-    assert version.name == twins_deploy.__version__
+    assert version.name == build_fingerprint() and version.name.startswith(twins_deploy.__version__ + "-")
     assert re.fullmatch(r"custom-[0-9a-f]{10}-224x224-tiny-svt-[0-9a-f]{12}-10cls", model_folder.name)
     assert sorted(p.name for p in model_folder.iterdir()) == ["fp32.onnx", "int8.onnx"]
     built = (model_folder / "int8.onnx").stat().st_mtime_ns
@@ -290,6 +290,17 @@ def test_named_engines_are_built_once_into_the_cache(tmp_path):
     logs.clear()
     open_engine("onnx-int8", tiny_source(), caps=CPU, cache=tmp_path, log=logs.append)
     assert logs == [] and (model_folder / "int8.onnx").stat().st_mtime_ns == built
+
+
+def test_a_changed_quantizer_gets_a_new_cache_folder(tmp_path, monkeypatch):
+    from twins_deploy.engines import quantize
+
+    before = build_fingerprint()
+    assert build_fingerprint() == before
+    edited = tmp_path / "quantize.py"
+    edited.write_text(Path(quantize.__file__).read_text() + "\n# a recipe change\n")
+    monkeypatch.setattr(quantize, "__file__", str(edited))
+    assert build_fingerprint() != before
 
 
 def test_cache_keys_tell_weights_sizes_and_heads_apart():

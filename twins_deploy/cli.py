@@ -233,7 +233,11 @@ def bench(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the results as CSV here.")] = None,
 ) -> None:
-    """Latency (min/mean/p50/p90/p95/p99) and throughput of engines at several batch sizes, with ratios."""
+    """Latency (min/mean/p50/p90/p95/p99) and throughput of engines at several batch sizes, with ratios.
+
+    Engines run in interleaved rounds; "vs first" is the median over rounds of the first engine's
+    round p50 divided by this engine's, and "range" the lowest and highest of those round ratios.
+    """
     import csv
     import io
     import time
@@ -296,7 +300,8 @@ def bench(
                   caption=libraries, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)  # light borders: fits 80 columns
     on_gpu = any(row.gpu_compute_ms_p50 is not None for row in rows)
     columns = ["engine", "device", "batch", "p50", "p90", "p99", "mean", "min", "img/s"]
-    columns += ["GPU p50"] * on_gpu + ["vs first"] * (len(engine) > 1)
+    ratios = len(engine) > 1
+    columns += ["GPU p50"] * on_gpu + ["vs first", "range"] * ratios
     for column in columns:
         table.add_column(column, justify="left" if column in ("engine", "device") else "right", no_wrap=True)
     for row in rows:
@@ -305,7 +310,8 @@ def bench(
                  f"{s.latency_ms_p99:.1f}", f"{s.latency_ms_mean:.1f}", f"{s.latency_ms_min:.1f}",
                  f"{s.throughput_img_per_s:.1f}"]
         cells += ["" if row.gpu_compute_ms_p50 is None else f"{row.gpu_compute_ms_p50:.2f}"] * on_gpu
-        cells += [f"{row.speedup_vs_first:.2f}x"] * (len(engine) > 1)
+        if ratios:
+            cells += [f"{row.speedup_vs_first:.2f}x", f"{row.speedup_min:.2f}-{row.speedup_max:.2f}"]
         table.add_row(*cells)
     console.print(table)
 

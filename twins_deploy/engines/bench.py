@@ -1,7 +1,8 @@
 """Latency and throughput of engines, measured fairly and stated with the machine they ran on.
 
 Engines are measured in interleaved rounds (A, B, C, A, B, C, ...) so that a noisy neighbour or a
-thermal drift hits all of them alike. Each ``infer`` is timed end to end (host array in, host array
+thermal drift hits all of them alike. Ratios are taken within each round and reported as the median
+over rounds with its range: the range says how steady the ratio was on this machine. Each ``infer`` is timed end to end (host array in, host array
 out) with a monotonic clock; GPU backends also report their device compute time from CUDA events.
 Statistics are a pure function of the latencies, so they are tested on known numbers.
 """
@@ -105,7 +106,9 @@ class BenchRow:
     batch: int
     stats: LatencyStats
     gpu_compute_ms_p50: float | None = None
-    speedup_vs_first: float | None = None  # first engine's median / this one's, same batch
+    speedup_vs_first: float | None = None  # median over rounds of (first engine's round p50 / this one's)
+    speedup_min: float | None = None  # the lowest and highest of those per-round ratios
+    speedup_max: float | None = None
 
     def as_dict(self) -> dict:
         row = {k: v for k, v in asdict(self).items() if k != "stats"}
@@ -116,7 +119,7 @@ class BenchRow:
 def bench(runners: Sequence[Runner], batches: Sequence[int], *, warmup: int = 5, iters: int | None = None,
           seconds: float | None = None, rounds: int = 3, seed: int = 0, clock: Clock | None = None,
           on_step: Callable[[], None] | None = None) -> list[BenchRow]:
-    """Bench active runners at each batch size in interleaved rounds; ratios against the first runner."""
+    """Bench active runners at each batch size in interleaved rounds; per-round ratios against the first runner."""
     if rounds < 1 or warmup < 0 or (iters is not None and iters < rounds):
         raise UsageError("need rounds >= 1, warmup >= 0 and iters >= rounds")
     infos = [r.describe() for r in runners]
@@ -136,6 +139,7 @@ def bench(runners: Sequence[Runner], batches: Sequence[int], *, warmup: int = 5,
                 runner.infer(data)
         latencies = [[] for _ in runners]
         compute = [[] for _ in runners]
+        round_p50 = [[] for _ in runners]
         for round_index in range(rounds):
             for i, runner in enumerate(runners):
                 chunk = None if iters is None else iters // rounds + (round_index < iters % rounds)
@@ -143,12 +147,17 @@ def bench(runners: Sequence[Runner], batches: Sequence[int], *, warmup: int = 5,
                                    clock=clock, on_step=on_step)
                 latencies[i] += lat
                 compute[i] += gpu
+                round_p50[i].append(float(np.median(lat)))
         for info, lat, gpu in zip(infos, latencies, compute):
             rows.append(BenchRow(info.name, info.backend, info.device, info.precision, batch, summarize(lat, batch),
                                  float(np.median(gpu)) if gpu else None))
-        first = rows[-len(runners)].stats.latency_ms_p50
-        for row in rows[-len(runners):]:
-            row.speedup_vs_first = first / row.stats.latency_ms_p50 if row.stats.latency_ms_p50 > 0 else None
+        first = np.asarray(round_p50[0])
+        for row, p50s in zip(rows[-len(runners):], round_p50):
+            p50s = np.asarray(p50s)
+            if p50s.min() > 0:
+                ratios = first / p50s
+                row.speedup_vs_first = float(np.median(ratios))
+                row.speedup_min, row.speedup_max = float(ratios.min()), float(ratios.max())
     return rows
 
 

@@ -1,8 +1,8 @@
 """``--engine`` to a runner: a file, a row of the engine table, or a precision resolved for this machine.
 
 Engines named by precision or row are built on first use into the cache folder
-(``$TWINS_DEPLOY_CACHE`` or ``~/.cache/twins-deploy``), one folder per model, input size, weights
-and head, so the second ``bench --engine int8`` starts at once.
+(``$TWINS_DEPLOY_CACHE`` or ``~/.cache/twins-deploy``), one folder per build fingerprint, then per
+model, input size, weights and head, so the second ``bench --engine int8`` starts at once.
 """
 from __future__ import annotations
 
@@ -124,11 +124,23 @@ class Builds:
         return path
 
 
-def model_folder(source: ModelSource, cache: Path | None = None) -> Path:
-    """Where ``source``'s artifacts live: per twins-deploy version, so a new exporter never reuses old files."""
-    from twins_deploy import __version__
+def build_fingerprint() -> str:
+    """``<version>-<hash of the code that makes artifacts>``: a changed model, exporter or quantizer,
+    even within one version (a source checkout), never reuses files an older one built."""
+    import twins_deploy
+    from twins_deploy.engines import quantize
+    from twins_deploy.exporters import onnx as exporter
+    from twins_deploy.models import twins
 
-    return (cache or cache_dir()) / __version__ / source.cache_key()
+    digest = hashlib.sha256()
+    for module in (twins, exporter, quantize):
+        digest.update(Path(module.__file__).read_bytes())
+    return f"{twins_deploy.__version__}-{digest.hexdigest()[:8]}"
+
+
+def model_folder(source: ModelSource, cache: Path | None = None) -> Path:
+    """Where ``source``'s artifacts live: one folder per build fingerprint, then per model."""
+    return (cache or cache_dir()) / build_fingerprint() / source.cache_key()
 
 
 def engine_kind(engine: str) -> str:
