@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--seconds", type=float, default=30.0, help="timed seconds per engine and batch size")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--engines", default="torch,onnx,int8")
+    parser.add_argument("--engines", default="onnx,int8,torch", help="the first is the baseline of the ratios")
     parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
     parser.add_argument("--clock", default="wall", help="wall, or cpu (process CPU time) for a shared machine")
     args = parser.parse_args()
