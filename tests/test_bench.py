@@ -186,7 +186,7 @@ def test_bench_command_writes_json_and_csv_with_ratios(tiny_onnx, tmp_path):
                                  "--csv", str(tmp_path / "b.csv")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
-    assert report["schema_version"] == 1 and report["machine"]["cpu"]
+    assert report["schema_version"] == 2 and report["machine"]["cpu"]
     assert [(r["engine"], r["batch"], r["iterations"]) for r in report["results"]] == [
         ("onnx", 1, 3), ("onnx", 1, 3), ("onnx", 2, 3), ("onnx", 2, 3)]
     assert report["results"][0]["speedup_vs_first"] == 1.0

@@ -19,7 +19,7 @@ import numpy as np
 from twins_deploy.engines.base import Runner
 from twins_deploy.errors import UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: speedup_vs_first is the median of per-round ratios; speedup_min/max added
 
 
 class Clock(Protocol):
