@@ -2,8 +2,9 @@
 
 Engines are measured in interleaved rounds (A, B, C, A, B, C, ...) so that a noisy neighbour or a
 thermal drift hits all of them alike. Ratios are taken within each round and reported as the median
-over rounds with its range: the range says how steady the ratio was on this machine. Each ``infer`` is timed end to end (host array in, host array
-out) with a monotonic clock; GPU backends also report their device compute time from CUDA events.
+over rounds with its range: the range says how steady the ratio was on this machine. Each ``infer``
+is timed end to end (host array in, host array out) with a monotonic clock; GPU backends also
+report their device compute time from CUDA events.
 Statistics are a pure function of the latencies, so they are tested on known numbers.
 """
 from __future__ import annotations
