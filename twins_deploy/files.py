@@ -12,7 +12,7 @@ from typing import Iterator
 
 from twins_deploy.errors import UsageError
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # PyTorch checkpoints we load
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".msgpack")  # weights files we load (.msgpack: Flax)
 
 
 @contextlib.contextmanager

@@ -28,32 +28,34 @@ FILE_SUFFIXES = (".onnx", *PLAN_SUFFIXES, *CHECKPOINT_SUFFIXES)
 class ModelSource:
     """The model a name-resolved engine is made from: what ``--model/--weights/--img-size/--num-classes`` say."""
 
-    model: object  # a registry name, a TwinsConfig or a ModelSpec
+    model: object  # a registry name, a family's config object or a ModelSpec
     weights: str = "pretrained"
     img_size: object = None
     num_classes: int | None = None
+    config: object = None  # constructor arguments replacing the named variant's (a file or a dict)
 
     @property
     def label(self) -> str:
-        return self.model if isinstance(self.model, str) else getattr(self.model, "name", "a custom Twins")
+        return self.model if isinstance(self.model, str) else getattr(self.model, "name", "a custom model")
 
     def create(self):
         from twins_deploy.models import create_model
 
-        return create_model(self.model, weights=self.weights, img_size=self.img_size, num_classes=self.num_classes)
+        return create_model(self.model, weights=self.weights, img_size=self.img_size, num_classes=self.num_classes,
+                            config=self.config)
 
     def cache_key(self) -> str:
-        """Folder name for this model's artifacts: name, size, weights identity and head size."""
-        from twins_deploy.models import resolve_spec, to_size
-        from twins_deploy.models.twins import with_classes
+        """Folder name for this model's artifacts: name (and configuration), size, weights identity, head size."""
+        from twins_deploy.models import MODELS, resolve_spec, to_size, with_classes
         from twins_deploy.models.weights import sha256_of
 
-        spec = with_classes(resolve_spec(self.model), self.num_classes)
-        name = spec.name
-        if name == "custom":
-            name = "custom-" + hashlib.sha256(repr(spec.config).encode()).hexdigest()[:10]
+        spec = with_classes(resolve_spec(self.model, self.config), self.num_classes)
+        name = spec.name.replace("/", "-")
+        registered = MODELS.get(spec.name)
+        if registered is None or with_classes(registered, spec.config.num_classes).config != spec.config:
+            name += "-" + hashlib.sha256(repr(spec.config).encode()).hexdigest()[:10]
         try:
-            height, width = to_size(self.img_size or spec.input_size, spec.config.total_stride)
+            height, width = to_size(self.img_size or spec.input_size)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         weights = str(self.weights)
@@ -128,13 +130,14 @@ def build_fingerprint() -> str:
     """``<version>-<hash of the code that makes artifacts>``: a changed model, exporter or quantizer,
     even within one version (a source checkout), never reuses files an older one built."""
     import twins_deploy
+    from twins_deploy import models
     from twins_deploy.engines import quantize
     from twins_deploy.exporters import onnx as exporter
-    from twins_deploy.models import twins
 
     digest = hashlib.sha256()
-    for module in (twins, exporter, quantize):
-        digest.update(Path(module.__file__).read_bytes())
+    files = sorted(Path(models.__file__).parent.glob("*.py")) + [Path(exporter.__file__), Path(quantize.__file__)]
+    for path in files:
+        digest.update(path.read_bytes())
     return f"{twins_deploy.__version__}-{digest.hexdigest()[:8]}"
 
 
@@ -207,7 +210,7 @@ def _open_file(path: Path, source: ModelSource | None, *, threads, compile, cuda
 
         model = source.model if source else _guess_model(path)
         checkpoint = ModelSource(model, str(path), source.img_size if source else None,
-                                 source.num_classes if source else None)
+                                 source.num_classes if source else None, source.config if source else None)
         return TorchRunner(checkpoint.create, device="cuda" if torch.cuda.is_available() else "cpu",
                            compile=compile, threads=threads)
     raise UsageError(f"{path} is not an engine file: use .onnx, {', '.join(PLAN_SUFFIXES)} or a checkpoint "
@@ -215,8 +218,7 @@ def _open_file(path: Path, source: ModelSource | None, *, threads, compile, cuda
 
 
 def _guess_model(path: Path) -> str:
-    from twins_deploy.models.twins import describe_state_dict, guess_variant
-    from twins_deploy.models.weights import read_checkpoint
+    from twins_deploy.models.twins import describe_state_dict, guess_variant, read_checkpoint
 
     try:
         spec = guess_variant(describe_state_dict(read_checkpoint(path)))

@@ -33,7 +33,9 @@ from twins_deploy.metadata import ModelMetadata, imagenet_class_names
 if TYPE_CHECKING:
     import onnx
 
-    from twins_deploy.models import ModelSpec, Twins, TwinsConfig
+    import torch
+
+    from twins_deploy.models import ModelSpec
 
 INPUT_NAME = "pixel_values"
 HEAD_OUTPUTS = {"logits": ("logits",), "embedding": ("embedding",),
@@ -133,15 +135,17 @@ class ExportReport:
         }
 
 
-def export_onnx(model: str | TwinsConfig | ModelSpec | Twins, output: str | Path | None = None, *,
+def export_onnx(model: str | ModelSpec | torch.nn.Module, output: str | Path | None = None, *,
                 weights: str | Path = "pretrained", img_size: int | tuple[int, int] | str | None = None,
                 batch: str | int = "dynamic", opset: int = DEFAULT_OPSET, head: str = "logits",
                 simplify: bool = True, verify: bool = True, num_classes: int | None = None,
+                config: str | Path | dict | None = None, preprocessing: dict | None = None,
                 progress: Callable[[str], None] | None = None) -> ExportReport:
-    """Export a Twins model to ONNX, write it atomically and check it against PyTorch.
+    """Export a model of any registered family to ONNX, write it atomically and check it against PyTorch.
 
-    ``model`` is a name, a TwinsConfig/ModelSpec (built with ``weights``, ``img_size`` and
-    ``num_classes``) or a built ``Twins`` (used as it is). ``output`` defaults to
+    ``model`` is a name, a config or ModelSpec (built with ``weights``, ``img_size``, ``num_classes``
+    and ``config``) or a built model (used as it is). ``preprocessing`` overrides what the metadata
+    says of ``mean``, ``std``, ``interpolation`` and ``crop_pct``. ``output`` defaults to
     ``<name>-<H>x<W>.onnx`` in the current folder. The report's ``passed`` is False when an
     output is further than ``PARITY_MAX_REL`` from PyTorch; the file is written either way.
     ``progress`` receives a short line before each step (for a spinner).
@@ -149,7 +153,7 @@ def export_onnx(model: str | TwinsConfig | ModelSpec | Twins, output: str | Path
     start = time.perf_counter()
     step = progress or (lambda message: None)
     batch, opset, head = check_export_args(batch, opset, head)
-    twins = _load_model(model, weights, img_size, num_classes)
+    twins = _load_model(model, weights, img_size, num_classes, config)
     spec = OnnxExportSpec(head, twins.img_size, batch, opset)
     path = Path(output) if output is not None else default_output(twins.spec.name, twins.img_size)
     if path.is_dir():
@@ -167,7 +171,7 @@ def export_onnx(model: str | TwinsConfig | ModelSpec | Twins, output: str | Path
     _strip_trace_info(proto)
     step("checking the graph and inferring shapes")
     proto = _check_and_infer_shapes(proto)
-    metadata = export_metadata(twins, head)
+    metadata = export_metadata(twins, head, preprocessing)
     _set_metadata(proto, metadata)
     step(f"writing {path}")
     file_bytes = save_onnx_atomic(proto, path)
@@ -206,14 +210,30 @@ def parse_batch(batch: str | int) -> str | int:
 
 
 def default_output(name: str, img_size: tuple[int, int]) -> Path:
-    return Path(f"{name}-{img_size[0]}x{img_size[1]}.onnx")
+    """``svt-s-224x224.onnx``; a family prefix becomes part of the name (``vit-flax-TwinsSVT-...``)."""
+    return Path(f"{name.replace('/', '-')}-{img_size[0]}x{img_size[1]}.onnx")
 
 
-def export_metadata(model: Twins, head: str) -> ModelMetadata:
-    """The preprocessing, classes and provenance the ONNX file carries for engines and the runtime."""
+PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct")
+
+
+def export_metadata(model, head: str, preprocessing: dict | None = None) -> ModelMetadata:
+    """The preprocessing, classes and provenance the ONNX file carries for engines and the runtime.
+
+    The family and its configuration go along too (``model_family``, ``model_config``), so
+    ``verify`` rebuilds the reference from the file alone."""
+    import dataclasses
+    import json
+
     import torch
 
-    spec, classes = model.spec, model.config.num_classes
+    from twins_deploy.models import config_dict
+
+    unknown = set(preprocessing or {}) - set(PREPROCESSING_KEYS)
+    if unknown:
+        raise UsageError(f"unknown preprocessing key {sorted(unknown)[0]!r}: use {', '.join(PREPROCESSING_KEYS)}")
+    spec = dataclasses.replace(model.spec, **{k: v for k, v in (preprocessing or {}).items() if v is not None})
+    classes = model.num_classes
     if head != "logits" or not classes:
         class_names: tuple[str, ...] = ()
     elif classes == 1000:
@@ -225,7 +245,8 @@ def export_metadata(model: Twins, head: str) -> ModelMetadata:
         model=spec.name, input_size=tuple(model.img_size), mean=tuple(spec.mean), std=tuple(spec.std),
         interpolation=spec.interpolation, crop_pct=spec.crop_pct, output=head, class_names=class_names,
         weights=str(source) if source else "", weights_sha256=(source.sha256 or "") if source else "",
-        twins_deploy_version=__version__, torch_version=torch.__version__)
+        twins_deploy_version=__version__, torch_version=torch.__version__,
+        extra={"model_family": spec.family, "model_config": json.dumps(config_dict(model.config))})
 
 
 def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> int:
@@ -247,7 +268,7 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> int:
     return len(data)
 
 
-def validate_model_outputs(model: Twins, path: str | Path, spec: OnnxExportSpec, seed: int = 0) -> list[dict]:
+def validate_model_outputs(model, path: str | Path, spec: OnnxExportSpec, seed: int = 0) -> list[dict]:
     """Run the file on onnxruntime (CPU) and the PyTorch model on the same seeded inputs.
 
     One row per (batch, output): max abs/rel difference, cosine, top-1/top-5 agreement for logits,
@@ -278,22 +299,28 @@ def validate_model_outputs(model: Twins, path: str | Path, spec: OnnxExportSpec,
 # Steps
 
 
-def _load_model(model, weights, img_size, num_classes) -> Twins:
-    from twins_deploy.models import Twins, create_model, to_size
+def _load_model(model, weights, img_size, num_classes, config):
+    import torch
 
-    if not isinstance(model, Twins):
-        return create_model(model, weights=weights, img_size=img_size, num_classes=num_classes)
-    if img_size is not None and to_size(img_size, model.config.total_stride) != model.img_size:
+    from twins_deploy.models import create_model, to_size
+
+    if not isinstance(model, torch.nn.Module):
+        return create_model(model, weights=weights, img_size=img_size, num_classes=num_classes, config=config)
+    try:
+        size = None if img_size is None else to_size(img_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if size is not None and size != tuple(model.img_size):
         raise UsageError(f"this model is built for {model.img_size[0]}x{model.img_size[1]}: build it again "
                          f"with img_size={img_size!r} to export that size")
-    if num_classes is not None and num_classes != model.config.num_classes:
-        raise UsageError(f"this model has {model.config.num_classes} classes: build it again with "
+    if num_classes is not None and num_classes != model.num_classes:
+        raise UsageError(f"this model has {model.num_classes} classes: build it again with "
                          f"num_classes={num_classes} to export that head")
     return model.eval()
 
 
 @contextlib.contextmanager
-def _as_head(model: Twins, head: str, fused_attn: bool | None = None):
+def _as_head(model, head: str, fused_attn: bool | None = None):
     """Temporarily set what forward returns (and the attention path); the caller's model is restored."""
     attention = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
     before = model.output
@@ -308,7 +335,7 @@ def _as_head(model: Twins, head: str, fused_attn: bool | None = None):
             module.fused_attn = fused
 
 
-def _trace(model: Twins, spec: OnnxExportSpec) -> onnx.ModelProto:
+def _trace(model, spec: OnnxExportSpec) -> onnx.ModelProto:
     import torch
 
     example = torch.zeros(spec.trace_batch, 3, *spec.img_size)
@@ -465,5 +492,5 @@ def _set_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
 
     helper.set_model_props(proto, metadata.to_props())
     proto.producer_name, proto.producer_version = "twins-deploy", __version__
-    proto.doc_string = (f"Twins {metadata.model} at {metadata.input_size[0]}x{metadata.input_size[1]}, "
+    proto.doc_string = (f"{metadata.model} at {metadata.input_size[0]}x{metadata.input_size[1]}, "
                         f"head {metadata.output}, exported by twins-deploy {__version__}")

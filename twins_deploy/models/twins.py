@@ -9,15 +9,16 @@ no shape arithmetic at all. Between the stages' convolutions the tokens travel a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OUTPUTS = ("logits", "embedding", "features")
+from twins_deploy.models.registry import OUTPUTS, Family, ModelSpec, register, to_size
+from twins_deploy.models.weights import load_torch_file, unwrap_state_dict
+
 BLOCK_NORM_EPS = 1e-6  # block and final LayerNorm; patch-embed and GSA sub-sample norms use 1e-5
 
 
@@ -51,25 +52,6 @@ class TwinsConfig:
     @property
     def total_stride(self) -> int:
         return self.patch_size * 2 ** (len(self.depths) - 1)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A published variant: its architecture, names and the preprocessing it was trained with."""
-
-    name: str
-    config: TwinsConfig
-    aliases: tuple[str, ...] = ()
-    hub_id: str | None = None
-    input_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    crop_pct: float = 0.9
-    interpolation: str = "bicubic"
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.name, *self.aliases)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -211,6 +193,7 @@ class Twins(nn.Module):
         self.config = config
         self.img_size = to_size(img_size, config.total_stride)
         self.spec = spec or ModelSpec("custom", config)
+        self.num_classes = config.num_classes
         self.output = output
         self.num_features = config.embed_dims[-1]
         self.stage_sizes = []
@@ -288,22 +271,6 @@ class Twins(nn.Module):
                 nn.init.zeros_(module.bias)
 
 
-def to_size(img_size: int | tuple[int, int] | str, stride: int = 32) -> tuple[int, int]:
-    """Parse 224, (224, 320) or '224x320' and check that both sides are multiples of ``stride``."""
-    given = img_size
-    if isinstance(img_size, str):
-        parts = img_size.lower().split("x")
-        if not all(p.strip().isdigit() for p in parts) or len(parts) > 2:
-            raise ValueError(f"image size must look like 224 or 224x320, got {img_size!r}")
-        img_size = tuple(int(p) for p in parts)
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) == 1:
-        size = (size[0], size[0])
-    if len(size) != 2 or any(s <= 0 or s % stride for s in size):
-        raise ValueError(f"image height and width must be positive multiples of {stride}, got {given!r}")
-    return int(size[0]), int(size[1])
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoint layouts
 
@@ -311,10 +278,7 @@ def to_size(img_size: int | tuple[int, int] | str, stride: int = 32) -> tuple[in
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Bring any published layout to timm's keys: unwraps ``model``/``state_dict`` nesting, strips
     ``module.`` (DDP), and renames mmpretrain/mmcls keys (``backbone.stages.`` ...)."""
-    for wrapper in ("state_dict", "model"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    state_dict = unwrap_state_dict(state_dict)
     if not any(k.startswith("backbone.") for k in state_dict):
         return state_dict
     renames = (
@@ -355,7 +319,7 @@ def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict:
 
 def guess_variant(description: dict) -> ModelSpec | None:
     """The published variant whose architecture matches ``describe_state_dict``'s answer."""
-    for spec in MODELS.values():
+    for spec in SPECS:
         cfg = spec.config
         if (cfg.family, cfg.embed_dims, cfg.depths) == (description["family"], description["embed_dims"],
                                                         description["depths"]):
@@ -377,18 +341,46 @@ def _spec(name: str, official: str, **config) -> ModelSpec:
     return ModelSpec(name, TwinsConfig(**config), aliases=(timm_name, official), hub_id=f"timm/{timm_name}.in1k")
 
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+SPECS = (
     _spec("pcpvt-s", "pcpvt_small_v0", depths=(3, 4, 6, 3), **_PCPVT),
     _spec("pcpvt-b", "pcpvt_base_v0", depths=(3, 4, 18, 3), **_PCPVT),
     _spec("pcpvt-l", "pcpvt_large_v0", depths=(3, 8, 27, 3), **_PCPVT),
     _spec("svt-s", "alt_gvt_small", embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 10, 4), **_SVT),
     _spec("svt-b", "alt_gvt_base", embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), depths=(2, 2, 18, 2), **_SVT),
     _spec("svt-l", "alt_gvt_large", embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), depths=(2, 2, 18, 2), **_SVT),
-)}
-_ALIASES = {alias.lower(): spec for spec in MODELS.values() for alias in spec.names}
+)
 
 
-def with_classes(spec: ModelSpec, num_classes: int | None) -> ModelSpec:
-    if num_classes is None or num_classes == spec.config.num_classes:
-        return spec
-    return replace(spec, config=replace(spec.config, num_classes=num_classes))
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A Twins checkpoint in any published layout, in timm's keys."""
+    return checkpoint_filter_fn(load_torch_file(path))
+
+
+def explain_mismatch(model: Twins, state_dict: dict[str, torch.Tensor], origin: str) -> str | None:
+    """Name what a checkpoint that does not fit is: another variant, another head, not Twins at all."""
+    name, ours = model.spec.name, model.config
+    try:
+        found = describe_state_dict(state_dict)
+    except ValueError as exc:
+        return f"{origin} does not fit {name}: {exc}"
+    expected = model.state_dict()
+    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if mismatched == ["head.weight", "head.bias"] and set(expected) == set(state_dict):
+        return (f"{origin} has a {found['num_classes']}-class head but {name} is built with {ours.num_classes}: "
+                f"pass --num-classes {found['num_classes']} to load it with its own head")
+    if found["family"] != ours.family or found["embed_dims"] != ours.embed_dims or found["depths"] != ours.depths:
+        for stage, (theirs, mine) in enumerate(zip(found["embed_dims"], ours.embed_dims), start=1):
+            if theirs != mine:
+                detail = f"has embed dim {theirs} in stage {stage}"
+                break
+        else:
+            detail = f"is a {found['family']} with depths {found['depths']}"
+        guess = guess_variant(found)
+        looks = f"it looks like {guess.name}, not {name}" if guess else f"it is no published variant, not {name}"
+        return f"{origin} {detail}: {looks}"
+    return None
+
+
+register(Family("twins", "timm", Twins, TwinsConfig, read_checkpoint,
+                "timm/official/mmpretrain state_dict (.safetensors, .pth, .pt, .bin)", OUTPUTS, explain_mismatch),
+         *SPECS)
