@@ -40,12 +40,16 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty
 # Options shared by several commands: one spelling, one help text.
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model name or alias (see 'twins-deploy models').")]
 WeightsOption = Annotated[str, typer.Option(
-    help="'pretrained' (Hugging Face hub, cached), 'random' (seeded) or a checkpoint path (.pth/.pt/.bin/.safetensors).")]
+    help="'pretrained' (Hugging Face hub, cached; Twins only), 'random' (seeded) or a weights file "
+         "(.safetensors/.pth/.pt/.bin; Flax .msgpack for vit-flax models).")]
 ImgSizeOption = Annotated[Optional[str], typer.Option(
-    "--img-size", help="Input size, 224 or HxW (multiples of 32). Default: the model's own.")]
+    "--img-size", help="Input size, 224 or HxW (Twins: multiples of 32). Default: the model's own.")]
 NumClassesOption = Annotated[Optional[int], typer.Option(
     help="Build the head for this many classes, to load a fine-tuned checkpoint with its own head.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of a table.")]
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", help="JSON/YAML file of the model class's constructor arguments (top level or under \"config\"); "
+                     "missing keys take the library's defaults.")]
 
 
 def _version(value: bool) -> None:
@@ -62,19 +66,21 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 @app.command()
 def models(as_json: JsonFlag = False) -> None:
-    """List the published Twins variants: names, aliases, parameters, GFLOPs, input size, hub id."""
+    """List every model: names, aliases, family, parameters, GFLOPs, input size, where weights come from."""
     from twins_deploy.models import model_table
 
     rows = model_table()
     if as_json:
-        print(json.dumps({"schema_version": 1, "models": rows}, indent=2))
+        print(json.dumps({"schema_version": 2, "models": rows}, indent=2))
         return
-    table = Table(title="Twins models", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("name", "aliases", "params", "GFLOPs @224", "input", "hub id"):
-        table.add_column(column, justify="right" if column in ("params", "GFLOPs @224") else "left")
+    table = Table(title="Models (GFLOPs at the default input and configuration)", box=box.SIMPLE_HEAD,
+                  pad_edge=False, caption="vit-pytorch and vit-flax models take --config (the class's arguments) "
+                                          "and --weights FILE or random")
+    for column in ("name", "aliases", "params", "GFLOPs", "input", "weights"):
+        table.add_column(column, justify="right" if column in ("params", "GFLOPs") else "left")
     for row in rows:
-        table.add_row(row["name"], "\n".join(row["aliases"]), f"{row['params']:,}", f"{row['gflops_224']:.2f}",
-                      "x".join(map(str, row["input_size"])), row["hub_id"])
+        table.add_row(row["name"], "\n".join(row["aliases"]), f"{row['params']:,}", f"{row['gflops']:.2f}",
+                      "x".join(map(str, row["input_size"])), row["weights"])
     console.print(table)
 
 
@@ -151,10 +157,28 @@ def _usage(message: str) -> Exception:
     return UsageError(message)
 
 
-def _source(model: Optional[str], weights: str, img_size: Optional[str], num_classes: Optional[int]):
+def _checked_config(model: Optional[str], config: Optional[Path]) -> Optional[Path]:
+    """Read ``--config`` against the model's family before any work: errors name the key; notes
+    (a dropout that inference ignores) go to stderr."""
+    if config is None:
+        return None
+    if model is None:
+        raise _usage("--config needs --model: the configuration belongs to a model family")
+    from twins_deploy.models import resolve_spec
+
+    notes: list[str] = []
+    resolve_spec(model, config, notes)
+    for note in notes:
+        _log(f"note: {note}")
+    return config
+
+
+def _source(model: Optional[str], weights: str, img_size: Optional[str], num_classes: Optional[int],
+            config: Optional[Path] = None):
     from twins_deploy.engines import ModelSource
 
-    return ModelSource(model, weights, img_size, num_classes) if model else None
+    config = _checked_config(model, config)
+    return ModelSource(model, weights, img_size, num_classes, config) if model else None
 
 
 @app.command()
@@ -168,6 +192,7 @@ def build(
     weights: WeightsOption = "pretrained",
     img_size: ImgSizeOption = None,
     num_classes: NumClassesOption = None,
+    config: ConfigOption = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch of the TensorRT profile.")] = 1,
     opt_batch: Annotated[int, typer.Option(help="Batch TensorRT tunes its kernels for.")] = 8,
     max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile.")] = 32,
@@ -190,7 +215,7 @@ def build(
         from twins_deploy.engines.build import default_output
         from twins_deploy.engines.resolve import Builds, model_folder
 
-        source = _source(model, weights, img_size, num_classes)
+        source = _source(model, weights, img_size, num_classes, config)
         onnx = Builds(source, model_folder(source), _log).fp32_onnx()
         meta = onnx_metadata(onnx)  # the export lives in the cache; the result goes to the current folder
         output = output or default_output(Path(f"{meta.model}-{meta.input_size[0]}x{meta.input_size[1]}.onnx"),
@@ -219,6 +244,7 @@ def bench(
     weights: WeightsOption = "pretrained",
     img_size: ImgSizeOption = None,
     num_classes: NumClassesOption = None,
+    config: ConfigOption = None,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
     warmup: Annotated[int, typer.Option(help="Untimed runs per engine and batch size.")] = 5,
     iters: Annotated[Optional[int], typer.Option(help="Timed runs per engine and batch size.")] = None,
@@ -260,7 +286,7 @@ def bench(
     seconds = 5.0 if iters is None and seconds is None else seconds
     if clock not in CLOCKS:
         raise _usage(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
-    source = _source(model, weights, img_size, num_classes)
+    source = _source(model, weights, img_size, num_classes, config)
     with ExitStack() as stack:
         runners = [stack.enter_context(open_engine(e, source, threads=threads, compile=compile, cuda_graph=cuda_graph,
                                                    max_batch=max(batches), log=_log)) for e in engine]
@@ -324,6 +350,7 @@ def infer(
     weights: WeightsOption = "pretrained",
     img_size: ImgSizeOption = None,
     num_classes: NumClassesOption = None,
+    config: ConfigOption = None,
     topk: Annotated[int, typer.Option(help="Predictions per image.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
     threads: ThreadsOption = None,
@@ -341,7 +368,7 @@ def infer(
     if output is not None:
         check_output(output)
     items = collect_inputs(inputs)
-    with open_engine(engine, _source(model, weights, img_size, num_classes), threads=threads, log=_log) as runner:
+    with open_engine(engine, _source(model, weights, img_size, num_classes, config), threads=threads, log=_log) as runner:
         with Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), console=err_console,
                       transient=True) as progress:
             task = progress.add_task("infer", total=len(items))
@@ -378,6 +405,7 @@ def verify(
              "(default: those the engine was exported from).")] = None,
     img_size: ImgSizeOption = None,
     num_classes: NumClassesOption = None,
+    config: ConfigOption = None,
     images: Annotated[Optional[Path], typer.Option(
         help="Folder of images to compare on (default: seeded synthetic images).")] = None,
     samples: Annotated[int, typer.Option(help="How many images to compare on.")] = 16,
@@ -387,17 +415,16 @@ def verify(
     """Compare an engine with PyTorch fp32: max abs diff, cosine, top-1/top-5 agreement; exits 1 on failure."""
     from twins_deploy.engines import ModelSource, open_engine
     from twins_deploy.engines.torch_backend import TorchRunner
-    from twins_deploy.engines.verify import reference_weights, verification_inputs, verify as run_verify
+    from twins_deploy.engines.verify import reference_model, reference_weights, verification_inputs, verify as run_verify
 
     if samples < 1 or batch_size < 1:
         raise _usage("--samples and --batch-size must be at least 1")
-    source = _source(model, weights or "pretrained", img_size, num_classes)
+    source = _source(model, weights or "pretrained", img_size, num_classes, config)
     with open_engine(engine, source, log=_log) as runner:
         meta = runner.describe().metadata
-        if meta.model == "custom" and model is None:
-            raise _usage("the engine holds a custom Twins configuration: pass --model for the reference")
-        reference_source = ModelSource(model or meta.model, weights or reference_weights(meta),
-                                       img_size or meta.input_size, num_classes)
+        reference, reference_config = (model, config) if model else reference_model(meta)
+        reference_source = ModelSource(reference, weights or reference_weights(meta),
+                                       img_size or meta.input_size, num_classes, reference_config)
         data, described = verification_inputs(meta, images, samples)
         with TorchRunner(reference_source.create, device="cpu", precision="fp32") as reference:
             report = run_verify(runner, reference, data, source=described,
@@ -443,16 +470,31 @@ def export(
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify", help="Compare onnxruntime (CPU) with PyTorch at batch 1 and 3; exit 1 above 1e-4 relative.")] = True,
     num_classes: NumClassesOption = None,
+    config: ConfigOption = None,
+    mean: Annotated[Optional[str], typer.Option(
+        help="Per-channel mean the images are normalised with, e.g. 0.5,0.5,0.5 (default: the model's, ImageNet's).",
+        rich_help_panel="Preprocessing stored in the file")] = None,
+    std: Annotated[Optional[str], typer.Option(
+        help="Per-channel std, e.g. 0.5,0.5,0.5 (default: the model's).", rich_help_panel="Preprocessing stored in the file")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(
+        help="Resize filter: bicubic, bilinear or nearest (default: the model's).",
+        rich_help_panel="Preprocessing stored in the file")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(
+        help="Centre-crop fraction, 0 < crop_pct <= 1 (default: the model's).",
+        rich_help_panel="Preprocessing stored in the file")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Export a model to ONNX: static reshapes, one node per LayerNorm, metadata, verified against PyTorch."""
     from twins_deploy.exporters.onnx import PARITY_MAX_REL, check_export_args, export_onnx
+    from twins_deploy.preprocess import parse_preprocessing
 
     check_export_args(batch, opset, head)  # usage errors before the weights load
+    config = _checked_config(model, config)
+    preprocessing = parse_preprocessing(mean, std, interpolation, crop_pct)
     with err_console.status(f"exporting {model}", spinner="dots") as status:
         report = export_onnx(model, output, weights=weights, img_size=img_size, batch=batch, opset=opset,
-                             head=head, simplify=simplify, verify=verify, num_classes=num_classes,
-                             progress=lambda message: status.update(message))
+                             head=head, simplify=simplify, verify=verify, num_classes=num_classes, config=config,
+                             preprocessing=preprocessing, progress=lambda message: status.update(message))
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -491,3 +533,7 @@ def _print_export(report) -> None:
     if report.passed:
         console.print(f"wrote {report.path} ({report.file_bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; next: "
                       f"twins-deploy bench --engine {report.path} --batch 1,8", highlight=False, markup=False)
+
+
+if __name__ == "__main__":  # python -m twins_deploy.cli, as the console script
+    app()

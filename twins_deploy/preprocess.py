@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from twins_deploy.errors import TwinsDeployError
+from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.metadata import ModelMetadata
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -58,6 +58,32 @@ def preprocess(image: Image.Image, meta: ModelMetadata) -> np.ndarray:
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.asarray(meta.mean, np.float32)) / np.asarray(meta.std, np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def parse_preprocessing(mean: str | None = None, std: str | None = None, interpolation: str | None = None,
+                        crop_pct: float | None = None) -> dict:
+    """Preprocessing overrides as typed on a command line ("0.5,0.5,0.5"), checked; absent ones left out."""
+    values: dict = {}
+    for key, text in (("mean", mean), ("std", std)):
+        if text is None:
+            continue
+        try:
+            channels = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            channels = ()
+        if len(channels) != 3 or (key == "std" and min(channels) <= 0):
+            raise UsageError(f"--{key} takes three comma-separated numbers{' above 0' if key == 'std' else ''}, "
+                             f"like 0.5,0.5,0.5; got {text!r}")
+        values[key] = channels
+    if interpolation is not None:
+        if interpolation.lower() not in _RESAMPLE:
+            raise UsageError(f"--interpolation must be one of {', '.join(_RESAMPLE)}, got {interpolation!r}")
+        values["interpolation"] = interpolation.lower()
+    if crop_pct is not None:
+        if not 0 < crop_pct <= 1:
+            raise UsageError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+        values["crop_pct"] = float(crop_pct)
+    return values
 
 
 def top_k(logits: np.ndarray, class_names: tuple[str, ...] | list[str], k: int = 5) -> list[list[dict]]:

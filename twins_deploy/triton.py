@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from twins_deploy.errors import TwinsDeployError, UsageError
+from twins_deploy.files import cleanup_on_sigterm
 from twins_deploy.metadata import ModelMetadata
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}
@@ -162,6 +163,14 @@ def build_repository(onnx_path: str | Path, output: str | Path = "model_reposito
     if repository.exists() and not repository.is_dir():
         raise UsageError(f"--output {repository} is a file; pass a folder for the model repository")
     target = repository / model.name
+    with cleanup_on_sigterm():  # SIGTERM mid-way still removes the staging folder
+        schema = _write_model_dir(model, repository, target, Path(plan or onnx_path))
+    files = tuple(sorted(str(p.relative_to(repository)) for p in target.rglob("*") if p.is_file()))
+    return TritonReport(repository, target, model, files, schema, plan_checked)
+
+
+def _write_model_dir(model: TritonModel, repository: Path, target: Path, served: Path) -> str | None:
+    """Build the model folder in a staging folder, check it, then swap it in for ``target``."""
     try:
         repository.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{model.name}.", suffix=".tmp", dir=repository))
@@ -170,7 +179,7 @@ def build_repository(onnx_path: str | Path, output: str | Path = "model_reposito
     try:
         built = staging / model.name
         (built / "1").mkdir(parents=True)
-        shutil.copyfile(plan or onnx_path, built / "1" / model.model_filename)
+        shutil.copyfile(served, built / "1" / model.model_filename)
         (built / "config.pbtxt").write_text(model.config_text())
         if model.labels:
             (built / LABELS_FILE).write_text("\n".join(model.labels) + "\n")
@@ -187,8 +196,7 @@ def build_repository(onnx_path: str | Path, output: str | Path = "model_reposito
         raise TwinsDeployError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    files = tuple(sorted(str(p.relative_to(repository)) for p in target.rglob("*") if p.is_file()))
-    return TritonReport(repository, target, model, files, schema, plan_checked)
+    return schema
 
 
 def validate_model_dir(folder: Path, model: TritonModel) -> str | None:

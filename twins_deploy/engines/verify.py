@@ -59,6 +59,24 @@ def reference_weights(meta: ModelMetadata) -> str:
                      "pass --weights PATH")
 
 
+def reference_model(meta: ModelMetadata) -> tuple[object, dict | None]:
+    """The model an export was made from, as its metadata says: (a name or a config object, the
+    constructor arguments to build it with)."""
+    import json
+
+    raw = meta.extra.get("model_config")
+    arguments = json.loads(raw) if raw else None
+    if meta.model != "custom":
+        return meta.model, arguments
+    if arguments is None:
+        raise UsageError("the engine holds a custom configuration and does not record it: pass --model "
+                         "(and --config) for the reference")
+    from twins_deploy.models import FAMILIES
+    from twins_deploy.models.registry import make_config
+
+    return make_config(FAMILIES[meta.extra.get("model_family", "twins")], arguments)[0], None
+
+
 def verification_inputs(meta: ModelMetadata, images: str | Path | None, samples: int,
                         seed: int = 1) -> tuple[np.ndarray, str]:
     """Preprocessed images from a folder, or seeded synthetic ones; and a description for the report."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 import warnings
 from collections import Counter
@@ -159,22 +158,23 @@ def export_onnx(model: str | ModelSpec | torch.nn.Module, output: str | Path | N
     if path.is_dir():
         raise UsageError(f"output {path} is a folder: give a file name ending in .onnx")
 
-    step(f"tracing {twins.spec.name} with torch.onnx (opset {max(opset, TORCH_OPSET)})")
-    with _as_head(twins, head, fused_attn=False):
-        proto = _trace(twins, spec)
-    if simplify:
-        step(f"simplifying with the {SIMPLIFIER}")
-        proto = _simplify(proto)
-    if opset < TORCH_OPSET:
-        proto = _lower_to_opset_17(proto)
-    _gelu_in_fusable_order(proto)
-    _strip_trace_info(proto)
-    step("checking the graph and inferring shapes")
-    proto = _check_and_infer_shapes(proto)
-    metadata = export_metadata(twins, head, preprocessing)
-    _set_metadata(proto, metadata)
-    step(f"writing {path}")
-    file_bytes = save_onnx_atomic(proto, path)
+    with atomic_output(path) as tmp:  # reserved from the start: an interrupted export leaves nothing behind
+        step(f"tracing {twins.spec.name} with torch.onnx (opset {max(opset, TORCH_OPSET)})")
+        with _as_head(twins, head, fused_attn=False):
+            proto = _trace(twins, spec)
+        if simplify:
+            step(f"simplifying with the {SIMPLIFIER}")
+            proto = _simplify(proto)
+        if opset < TORCH_OPSET:
+            proto = _lower_to_opset_17(proto)
+        _gelu_in_fusable_order(proto)
+        _strip_trace_info(proto)
+        step("checking the graph and inferring shapes")
+        proto = _check_and_infer_shapes(proto)
+        metadata = export_metadata(twins, head, preprocessing)
+        _set_metadata(proto, metadata)
+        step(f"writing {path}")
+        file_bytes = save_onnx_atomic(proto, tmp)
 
     from twins_deploy.models import count_parameters
 
@@ -259,10 +259,8 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> int:
         raise TwinsDeployError(f"cannot write {path}: the model is over 2 GiB, the limit of a single ONNX file")
     data = model.SerializeToString()
     try:
-        with atomic_output(path) as tmp, open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(data)
     except OSError as exc:
         raise TwinsDeployError(f"cannot write {path}: {exc.strerror or exc}") from None
     return len(data)

@@ -1,0 +1,124 @@
+"""Every file twins-deploy writes gets the mode an ordinary write would give, atomically, and an
+interrupted write (an exception, SIGTERM) leaves the earlier file and no temp file behind."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import DATA, tiny_config, tiny_weights
+from twins_deploy.cli import app
+from twins_deploy.files import atomic_output
+
+runner = CliRunner()
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    from twins_deploy.exporters import export_onnx
+
+    path = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    export_onnx(tiny_config("tiny-svt"), path, weights=tiny_weights("tiny-svt"), verify=False)
+    return path
+
+
+def write_every_output(folder: Path, tiny_onnx: Path) -> list[Path]:
+    """Each writer of the package, once, into ``folder``: what a user's commands leave on disk."""
+    from twins_deploy.engines.predict import write_predictions
+    from twins_deploy.engines.quantize import convert_fp16, quantize_int8, synthetic_images
+    from twins_deploy.engines.artifacts import onnx_metadata
+    from twins_deploy.engines.resolve import Builds, ModelSource
+    from twins_deploy.exporters import export_onnx
+    from twins_deploy.triton import build_repository
+
+    export_onnx(tiny_config("tiny-pcpvt"), folder / "export.onnx", weights="random", verify=False)
+    images = synthetic_images(onnx_metadata(tiny_onnx), 2)
+    quantize_int8(tiny_onnx, folder / "int8.onnx", images, target="cpu", calibration_source="synthetic")
+    convert_fp16(tiny_onnx, folder / "fp16.onnx")
+    records = [{"input": "a.jpg", "predictions": [{"class_id": 1, "name": "class_1", "prob": 0.9}]}]
+    write_predictions(records, folder / "predictions.jsonl")
+    write_predictions(records, folder / "predictions.csv")
+    build_repository(tiny_onnx, folder / "repository", name="tiny", device="cpu")
+    cached = Builds(ModelSource(tiny_config("tiny-svt"), "random"), folder / "cache", lambda message: None).fp32_onnx()
+    result = runner.invoke(app, ["bench", "-e", str(tiny_onnx), "--batch", "1", "--iters", "2", "--rounds", "1",
+                                 "--warmup", "0", "--json", str(folder / "bench.json"), "--csv", str(folder / "bench.csv")])
+    assert result.exit_code == 0, result.output
+    repository = folder / "repository" / "tiny"
+    return [folder / name for name in ("export.onnx", "int8.onnx", "fp16.onnx", "predictions.jsonl", "predictions.csv",
+                                       "bench.json", "bench.csv")] + [cached] + \
+        [repository / "config.pbtxt", repository / "labels.txt", repository / "1" / "model.onnx"]
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_writer_honours_the_umask(tmp_path, tiny_onnx, mask, expected):
+    with umask(mask):
+        written = write_every_output(tmp_path, tiny_onnx)
+    assert {str(p.relative_to(tmp_path)): oct(mode(p)) for p in written} == \
+        {str(p.relative_to(tmp_path)): oct(expected) for p in written}
+    assert leftovers(tmp_path) == []
+
+
+def test_an_overwritten_file_keeps_the_mode_its_owner_set(tmp_path, tiny_onnx):
+    from twins_deploy.engines.quantize import convert_fp16
+
+    path = tmp_path / "served.onnx"
+    path.write_text("old")
+    path.chmod(0o640)
+    with umask(0o022):
+        convert_fp16(tiny_onnx, path)
+    assert mode(path) == 0o640 and path.stat().st_size > 1000
+
+
+def test_an_exception_mid_write_keeps_the_earlier_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text('{"good": true}')
+    with pytest.raises(RuntimeError):
+        with atomic_output(path) as tmp:
+            tmp.write_text('{"half')
+            raise RuntimeError("interrupted")
+    assert json.loads(path.read_text()) == {"good": True} and leftovers(tmp_path) == []
+
+
+def test_sigterm_in_the_middle_of_an_export_leaves_the_earlier_file_intact(tmp_path):
+    config = json.loads((DATA / "index.json").read_text())["tiny-svt"]["config"]
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    earlier = tmp_path / "model.onnx"
+    earlier.write_bytes(b"an earlier good export")
+    command = [sys.executable, "-m", "twins_deploy.cli", "export", "--model", "svt-s", "--config", "tiny.json",
+               "--weights", "random", "-o", "model.onnx"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not leftovers(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert leftovers(tmp_path), "the export never reserved its temporary file"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0, stderr.decode()
+    assert earlier.read_bytes() == b"an earlier good export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "tiny.json"]
