@@ -69,7 +69,7 @@ def flax_to_torch(name: str, array: np.ndarray):
         array = array.T
     elif leaf == "kernel" and array.ndim == 4:
         array = array.transpose(3, 2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a copy: msgpack's buffer is read-only
 
 
 def is_flax_file(path: str | Path) -> bool:
