@@ -15,7 +15,7 @@ from twins_deploy.models.registry import (
 from twins_deploy.models.twins import Twins, TwinsConfig, checkpoint_filter_fn
 from twins_deploy.models.weights import WeightsSource, load_weights
 
-FAMILY_MODULES = ("twins",)
+FAMILY_MODULES = ("twins", "vit_pytorch_twins_svt", "flax_twins_svt", "flax_vit", "flax_cait", "flax_crossformer", "flax_cross_vit")
 for _module in FAMILY_MODULES:
     importlib.import_module(f"twins_deploy.models.{_module}")
 

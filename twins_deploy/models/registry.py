@@ -167,7 +167,7 @@ def resolve_spec(name: str | ModelSpec | Any, config: str | Path | dict | Any | 
         return spec
     family = family_of(spec)
     if isinstance(config, family.config_class):
-        return replace(spec, config=config)
+        return _with_config(spec, config)
     origin = "config"
     if isinstance(config, (str, Path)):
         origin = f"config {config}"
@@ -175,7 +175,13 @@ def resolve_spec(name: str | ModelSpec | Any, config: str | Path | dict | Any | 
     made, found = make_config(family, dict(config), origin)
     if notes is not None:
         notes.extend(found)
-    return replace(spec, config=made)
+    return _with_config(spec, made)
+
+
+def _with_config(spec: ModelSpec, config: Any) -> ModelSpec:
+    """``spec`` with ``config``; a class that takes ``image_size`` (ViT, CaiT, CrossViT) sets the input size."""
+    size = getattr(config, "image_size", None)
+    return replace(spec, config=config, input_size=to_size(size) if size else spec.input_size)
 
 
 def with_classes(spec: ModelSpec, num_classes: int | None) -> ModelSpec:
