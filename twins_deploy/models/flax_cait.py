@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.flax_blocks import (
     Attention, FeedForward, check_patches, count_indexed, embed_patches, explain_config_mismatch,
     init_vit_weights, read_flax_file, rename_flax, shape_of,
@@ -69,7 +70,7 @@ class CaiTLayer(nn.Module):
         return self.ff(self.ff_norm(x)) * self.scale + x
 
 
-class FlaxCaiT(nn.Module):
+class FlaxCaiT(DeployableModel):
     """CaiT for one fixed input size; ``output`` is ``logits`` or ``embedding`` (normed class token)."""
 
     def __init__(self, config: FlaxCaiTConfig, img_size: int | tuple[int, int] = 256,
@@ -92,16 +93,6 @@ class FlaxCaiT(nn.Module):
         self.cls_layers = nn.ModuleList(CaiTLayer(config, i + 1, 1, n) for i in range(config.cls_depth))
         self.norm = nn.LayerNorm(dim, eps=NORM_EPS, bias=False)
         self.head = nn.Linear(dim, config.num_classes)
-
-    @property
-    def output(self) -> str:
-        return self._output
-
-    @output.setter
-    def output(self, value: str) -> None:
-        if value not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
-        self._output = value
 
     def set_fused_attn(self, fused: bool) -> None:
         """Talking heads sit between the attention's MatMuls, so CaiT always runs them explicitly."""

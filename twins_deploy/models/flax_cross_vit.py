@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.flax_blocks import (
     Attention, FeedForward, check_patches, count_indexed, embed_patches, explain_config_mismatch,
     init_vit_weights, read_flax_file, rename_flax, shape_of,
@@ -162,7 +163,7 @@ class MultiScaleLayer(nn.Module):
         return self.cross(self.sm_encoder(sm), self.lg_encoder(lg))
 
 
-class FlaxCrossViT(nn.Module):
+class FlaxCrossViT(DeployableModel):
     """CrossViT for one fixed input size; ``output`` is ``logits`` or ``embedding`` (both branches'
     normed class tokens, small then large, concatenated)."""
 
@@ -183,22 +184,6 @@ class FlaxCrossViT(nn.Module):
         self.sm_head = nn.Linear(config.sm_dim, config.num_classes)
         self.lg_norm = nn.LayerNorm(config.lg_dim, eps=NORM_EPS, bias=False)
         self.lg_head = nn.Linear(config.lg_dim, config.num_classes)
-
-    @property
-    def output(self) -> str:
-        return self._output
-
-    @output.setter
-    def output(self, value: str) -> None:
-        if value not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
-        self._output = value
-
-    def set_fused_attn(self, fused: bool) -> None:
-        """SDPA (fastest in PyTorch) or explicit MatMul-Softmax-MatMul (what exporters want)."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.fused_attn = fused
 
     def forward_class_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sm, lg = self.sm_embed(pixels), self.lg_embed(pixels)

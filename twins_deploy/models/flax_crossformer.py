@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.flax_blocks import (
     attend, count_indexed, explain_config_mismatch, gelu_tanh, read_flax_file, rename_flax, shape_of, trunc_normal_,
 )
@@ -210,7 +211,7 @@ class CrossFormerStage(nn.Module):
         return x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
 
 
-class FlaxCrossFormer(nn.Module):
+class FlaxCrossFormer(DeployableModel):
     """CrossFormer for one fixed input size; ``output`` is ``logits`` or ``embedding`` (mean-pooled)."""
 
     def __init__(self, config: FlaxCrossFormerConfig, img_size: int | tuple[int, int] = 224,
@@ -228,22 +229,6 @@ class FlaxCrossFormer(nn.Module):
             size, in_dim = self.stages[-1].size, stage["dim"]
         self.num_features = in_dim
         self.head = nn.Linear(in_dim, config.num_classes)
-
-    @property
-    def output(self) -> str:
-        return self._output
-
-    @output.setter
-    def output(self, value: str) -> None:
-        if value not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
-        self._output = value
-
-    def set_fused_attn(self, fused: bool) -> None:
-        """SDPA (fastest in PyTorch) or explicit MatMul-Add(bias)-Softmax-MatMul (what exporters want)."""
-        for module in self.modules():
-            if isinstance(module, CrossFormerAttention):
-                module.fused_attn = fused
 
     def forward_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.flax_blocks import (
     FLAX_LAYERNORM_EPS, FeedForward, SelfAttention, check_patches, count_indexed, embed_patches,
     explain_config_mismatch, init_vit_weights, read_flax_file, rename_flax, shape_of,
@@ -59,7 +60,7 @@ class ViTLayer(nn.Module):
         return self.ff(self.ff_norm(x)) + x
 
 
-class FlaxViT(nn.Module):
+class FlaxViT(DeployableModel):
     """ViT for one fixed input size; ``output`` is ``logits`` or ``embedding`` (pooled, normed)."""
 
     def __init__(self, config: FlaxViTConfig, img_size: int | tuple[int, int] = 256,
@@ -82,22 +83,6 @@ class FlaxViT(nn.Module):
                                     for _ in range(config.depth))
         self.norm = nn.LayerNorm(dim, eps=FLAX_LAYERNORM_EPS)
         self.head = nn.Linear(dim, config.num_classes)
-
-    @property
-    def output(self) -> str:
-        return self._output
-
-    @output.setter
-    def output(self, value: str) -> None:
-        if value not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
-        self._output = value
-
-    def set_fused_attn(self, fused: bool) -> None:
-        """SDPA (fastest in PyTorch) or explicit MatMul-Softmax-MatMul (what exporters want)."""
-        for module in self.modules():
-            if isinstance(module, SelfAttention):
-                module.fused_attn = fused
 
     def forward_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
         n, dim = self.num_patches, self.num_features

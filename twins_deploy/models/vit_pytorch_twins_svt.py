@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.registry import Family, ModelSpec, register, to_size
 from twins_deploy.models.weights import load_torch_file, unwrap_state_dict
 
@@ -256,7 +257,7 @@ def stage_sizes(config: TwinsSVTArgs, img_size: tuple[int, int], flavour: Flavou
     return sizes
 
 
-class StaticTwinsSVT(nn.Module):
+class StaticTwinsSVT(DeployableModel):
     """The TwinsSVT of both libraries for one fixed input size; ``output``: logits or the pooled embedding."""
 
     flavour: Flavour
@@ -285,22 +286,6 @@ class StaticTwinsSVT(nn.Module):
             dim_in = dim
         self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(self.num_features, config.num_classes)
-
-    @property
-    def output(self) -> str:
-        return self._output
-
-    @output.setter
-    def output(self, value: str) -> None:
-        if value not in self.outputs:
-            raise ValueError(f"output must be one of {', '.join(self.outputs)}, got {value!r}")
-        self._output = value
-
-    def set_fused_attn(self, fused: bool) -> None:
-        """SDPA (fastest in PyTorch) or explicit MatMul-Softmax-MatMul (what exporters want)."""
-        for module in self.modules():
-            if isinstance(module, (LocalAttention, GlobalAttention)):
-                module.fused_attn = fused
 
     def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
         for i, stage in enumerate(self.stages):
