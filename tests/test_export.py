@@ -107,6 +107,12 @@ def test_attention_is_scaled_q_then_matmul_softmax_matmul(full):
         assert any(node.op_type == "MatMul" and node.input[0] == softmax.output[0] for node in graph.node)
 
 
+def test_reshapes_after_gemms_keep_openvino_int8_on_a_dynamic_batch(full):
+    from test_openvino import check_reshapes_after_gemms
+
+    check_reshapes_after_gemms(onnx.load(full["path"]))
+
+
 def test_dynamic_batch_runs_at_1_and_3_and_matches_pytorch(full):
     graph = _graph(full["path"])
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]

@@ -89,7 +89,11 @@ TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.01-py3"
 
 @app.command()
 def triton(
-    onnx: Annotated[Path, typer.Option("--onnx", help="Exported ONNX file: names, dims and class names come from it.")],
+    onnx: Annotated[Optional[Path], typer.Option(
+        "--onnx", help="Exported ONNX file: names, dims and class names come from it.")] = None,
+    ir: Annotated[Optional[Path], typer.Option(
+        "--ir", help="OpenVINO IR (.xml with its .bin, from 'build --backend openvino'): serve it with Triton's "
+                     "OpenVINO backend instead of an ONNX file.")] = None,
     plan: Annotated[Optional[Path], typer.Option(
         help="TensorRT engine built from that ONNX file: serve it with the TensorRT backend instead.")] = None,
     output: Annotated[Path, typer.Option(
@@ -97,15 +101,19 @@ def triton(
     name: Annotated[Optional[str], typer.Option(help="Model name (default: the served file's stem).")] = None,
     max_batch: Annotated[int, typer.Option(help="max_batch_size; 0 turns batching off.")] = 32,
     instances: Annotated[int, typer.Option(help="Model instances Triton runs side by side.")] = 1,
-    device: Annotated[str, typer.Option(help="Where the instances run: gpu or cpu.")] = "gpu",
+    device: Annotated[Optional[str], typer.Option(
+        help="Where the instances run: gpu or cpu (default: cpu for an IR, gpu otherwise).")] = None,
     max_queue_delay_us: Annotated[int, typer.Option(
         help="How long dynamic batching waits to fill a batch, in microseconds.")] = 100,
     as_json: JsonFlag = False,
 ) -> None:
-    """Write a Triton Inference Server model repository (ONNX Runtime or TensorRT backend) with class labels."""
+    """Write a Triton Inference Server model repository (ONNX Runtime, TensorRT or OpenVINO backend) with class
+    labels."""
     from twins_deploy.triton import build_repository
 
-    report = build_repository(onnx, output, plan=plan, name=name, max_batch=max_batch, instances=instances,
+    if (onnx is None) == (ir is None):
+        raise _usage("pass --onnx PATH (an exported ONNX file) or --ir PATH (an OpenVINO IR), one of them")
+    report = build_repository(onnx or ir, output, plan=plan, name=name, max_batch=max_batch, instances=instances,
                               device=device, max_queue_delay_us=max_queue_delay_us)
     if report.schema is None:
         err_console.print("warning: config.pbtxt not checked against Triton's schema "
@@ -139,12 +147,13 @@ def triton(
 # ---------------------------------------------------------------------------------------------
 # Engines: build, bench, infer, verify
 
-EngineHelp = ("A file (.onnx, .plan/.engine, .pt/.pth/.safetensors checkpoint), an engine name (torch, onnx, "
-              "onnx-int8, trt-fp16, ...) or a precision (fp32, fp16, bf16, int8, best) resolved for this machine; "
+EngineHelp = ("A file (.onnx, .xml OpenVINO IR, .plan/.engine, .pt/.pth/.safetensors checkpoint), an engine name "
+              "(torch, onnx, onnx-int8, ov-int8, trt-fp16, ...) or a precision (fp32, fp16, bf16, int8, best) resolved for this machine; "
               "names are built from --model on first use into $TWINS_DEPLOY_CACHE (~/.cache/twins-deploy).")
 OptionalModelOption = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model name, for engines given by name or precision (see 'twins-deploy models').")]
-ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for onnxruntime/torch (default: all cores).")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    help="CPU threads for onnxruntime/OpenVINO/torch (default: all cores).")]
 
 
 def _log(message: str) -> None:
@@ -184,10 +193,11 @@ def _source(model: Optional[str], weights: str, img_size: Optional[str], num_cla
 @app.command()
 def build(
     precision: Annotated[str, typer.Option(
-        help="fp32, fp16, bf16, int8 or best (TensorRT); int8 or fp16 (onnxruntime).")],
+        help="fp32, fp16, bf16, int8 or best (TensorRT); int8 or fp16 (onnxruntime); fp32, bf16 or int8 (openvino).")],
     onnx: Annotated[Optional[Path], typer.Option(
         help="The fp32 ONNX export (default: export --model into the cache).")] = None,
-    backend: Annotated[str, typer.Option(help="tensorrt (an engine) or onnxruntime (an int8/fp16 ONNX).")] = "tensorrt",
+    backend: Annotated[str, typer.Option(
+        help="tensorrt (an engine), onnxruntime (an int8/fp16 ONNX) or openvino (an IR: .xml + .bin).")] = "tensorrt",
     model: OptionalModelOption = None,
     weights: WeightsOption = "pretrained",
     img_size: ImgSizeOption = None,
@@ -205,7 +215,8 @@ def build(
         "--output", "-o", help="Output file (default: next to the ONNX).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Build a TensorRT engine (fp32/fp16/bf16/int8/best, batch profile, sidecar JSON) or an int8/fp16 ONNX."""
+    """Build a TensorRT engine (fp32/fp16/bf16/int8/best, batch profile, sidecar JSON), an int8/fp16 ONNX or an
+    OpenVINO IR (fp32/bf16/int8 through NNCF, our metadata inside)."""
     from twins_deploy.engines.build import build as build_artifact
 
     if onnx is None:
@@ -290,9 +301,14 @@ def bench(
     with ExitStack() as stack:
         runners = [stack.enter_context(open_engine(e, source, threads=threads, compile=compile, cuda_graph=cuda_graph,
                                                    max_batch=max(batches), log=_log)) for e in engine]
+        details = {}
         for runner in runners:
             for warning in getattr(runner, "warnings", []):
                 _log(f"warning: {warning}")
+            info = runner.describe()
+            details[info.name] = info.details
+            if "settings" in info.details:  # a runner with settings of its own (OpenVINO): say which
+                _log(f"{info.name}: " + ", ".join(f"{k}={v}" for k, v in info.details["settings"].items()))
         total = len(runners) * len(batches) * (iters if iters is not None else seconds)
         with Progress(TextColumn("bench"), BarColumn(), TimeRemainingColumn(), console=err_console,
                       transient=True) as progress:
@@ -308,7 +324,8 @@ def bench(
                              clock=CLOCKS[clock](), on_step=step)
     machine = describe_machine()
     settings = {"model": model, "weights": weights, "engines": engine, "batches": batches, "warmup": warmup,
-                "iters": iters, "seconds": seconds, "rounds": rounds, "threads": threads, "clock": clock}
+                "iters": iters, "seconds": seconds, "rounds": rounds, "threads": threads, "clock": clock,
+                "engine_details": details}
     report = bench_report(rows, machine, settings)
     if json_path:
         with atomic_output(json_path) as tmp:

@@ -1,8 +1,9 @@
 """A Triton Inference Server model repository for an exported model, checked before it is written.
 
-``NAME/config.pbtxt``, ``NAME/1/model.onnx`` (ONNX Runtime backend) or ``NAME/1/model.plan``
-(TensorRT backend), and ``NAME/labels.txt`` so Triton's classification extension returns class
-names. Input/output names, types and dims come from the ONNX file, class names from its metadata.
+``NAME/config.pbtxt``, ``NAME/1/model.onnx`` (ONNX Runtime backend), ``NAME/1/model.plan``
+(TensorRT backend) or ``NAME/1/model.xml`` + ``model.bin`` (OpenVINO backend, from an IR), and
+``NAME/labels.txt`` so Triton's classification extension returns class names. Input/output names,
+types and dims come from the ONNX file (or the IR), class names from its metadata.
 The folder is built next to its final place and renamed in only after it passes the checks.
 """
 from __future__ import annotations
@@ -18,13 +19,19 @@ from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.files import cleanup_on_sigterm
 from twins_deploy.metadata import ModelMetadata
 
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan"),
+             "ir": ("openvino", "model.xml")}
+BACKENDS = ("openvino",)  # served with ``backend:`` (a Triton backend), not ``platform:``
+# The OpenVINO backend's own parameters: one request at a time on all the instance's threads.
+OPENVINO_PARAMETERS = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 DEVICES = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 LABELS_FILE = "labels.txt"
 # ONNX element type names to Triton's data types.
 _DATA_TYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "DOUBLE": "TYPE_FP64",
                "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8",
                "BOOL": "TYPE_BOOL"}
+_OV_TYPES = {"f32": "FLOAT", "f16": "FLOAT16", "bf16": "BFLOAT16", "f64": "DOUBLE", "i64": "INT64", "i32": "INT32",
+             "i8": "INT8", "u8": "UINT8", "boolean": "BOOL"}  # OpenVINO element types to ONNX's names
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class TritonModel:
     """Everything ``config.pbtxt`` says, plus the labels."""
 
     name: str
-    platform: str  # "onnxruntime_onnx" or "tensorrt_plan"
+    platform: str  # "onnxruntime_onnx", "tensorrt_plan" or "openvino" (a backend)
     max_batch_size: int  # 0: no batching, dims carry the full shape
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -55,7 +62,8 @@ class TritonModel:
 
     def config_text(self) -> str:
         """``config.pbtxt`` in Triton's protobuf text format."""
-        lines = [f"name: {_quote(self.name)}", f"platform: {_quote(self.platform)}",
+        key = "backend" if self.platform in BACKENDS else "platform"
+        lines = [f"name: {_quote(self.name)}", f"{key}: {_quote(self.platform)}",
                  f"max_batch_size: {self.max_batch_size}"]
         for field, tensors in (("input", self.inputs), ("output", self.outputs)):
             lines.append(f"{field} [")
@@ -73,6 +81,9 @@ class TritonModel:
             lines += ["dynamic_batching {",
                       f"  preferred_batch_size: [ {', '.join(map(str, self.preferred_batch_sizes))} ]",
                       f"  max_queue_delay_microseconds: {self.max_queue_delay_us}", "}"]
+        if self.platform == PLATFORMS["ir"][0]:
+            for name, value in OPENVINO_PARAMETERS.items():
+                lines += ["parameters: {", f"  key: {_quote(name)}", f"  value: {{ string_value: {_quote(value)} }}", "}"]
         return "\n".join(lines) + "\n"
 
 
@@ -100,14 +111,13 @@ def preferred_batch_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 def describe_model(onnx_path: str | Path, *, plan: str | Path | None = None, name: str | None = None,
-                   max_batch: int = 32, instances: int = 1, device: str = "gpu",
+                   max_batch: int = 32, instances: int = 1, device: str | None = None,
                    max_queue_delay_us: int = 100) -> TritonModel:
-    """The Triton model for an exported ONNX file (served as is, or as the TensorRT ``plan`` built from it)."""
-    import onnx
-
+    """The Triton model for an exported ONNX file (served as is, or as the TensorRT ``plan`` built from it),
+    or for an OpenVINO IR (``.xml``, served by Triton's OpenVINO backend)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise UsageError(f"ONNX file not found: {onnx_path}")
+        raise UsageError(f"{'OpenVINO IR' if onnx_path.suffix == '.xml' else 'ONNX file'} not found: {onnx_path}")
     if plan is not None and not Path(plan).is_file():
         raise UsageError(f"TensorRT plan not found: {plan}")
     if plan is not None and Path(plan).suffix == ".onnx":
@@ -116,6 +126,10 @@ def describe_model(onnx_path: str | Path, *, plan: str | Path | None = None, nam
         raise UsageError(f"--max-batch must be 0 (no batching) or more, got {max_batch}")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1, got {instances}")
+    is_ir = onnx_path.suffix.lower() == ".xml"
+    device = device or ("cpu" if is_ir else "gpu")
+    if is_ir and device != "cpu":
+        raise UsageError("an OpenVINO IR runs on the CPU: use --device cpu (or serve the ONNX file on a GPU)")
     if device not in DEVICES:
         raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if plan is not None and device != "gpu":
@@ -125,20 +139,12 @@ def describe_model(onnx_path: str | Path, *, plan: str | Path | None = None, nam
     name = name or Path(plan or onnx_path).stem
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise UsageError(f"model name {name!r} must be letters, digits, '_', '.' or '-': pass --name")
-    try:
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TwinsDeployError(f"cannot read {onnx_path} as ONNX: {reason}") from None
-    if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
-        raise UsageError(f"{onnx_path} keeps its weights in external data files; export it as a single file")
-    metadata = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props}, str(onnx_path))
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = [_tensor(v, max_batch, onnx_path) for v in proto.graph.input if v.name not in initializers]
-    outputs = [_tensor(v, max_batch, onnx_path) for v in proto.graph.output]
-    if any(-1 in t.dims for t in outputs):  # an exporter left output dims symbolic: infer them from the graph
-        graph = onnx.shape_inference.infer_shapes(proto).graph
-        outputs = [_tensor(v, max_batch, onnx_path) for v in graph.output]
+    if onnx_path.suffix.lower() == ".xml":
+        if plan is not None:
+            raise UsageError("--plan goes with an ONNX file; an OpenVINO IR is served by the OpenVINO backend")
+        metadata, inputs, outputs = _ir_tensors(onnx_path, max_batch)
+    else:
+        metadata, inputs, outputs = _onnx_tensors(onnx_path, max_batch)
     logits = next((t for t in outputs if t.name == "logits"), None)
     labels = metadata.class_names if logits else ()
     if logits is not None and labels and logits.dims[-1] not in (-1, len(labels)):
@@ -146,7 +152,8 @@ def describe_model(onnx_path: str | Path, *, plan: str | Path | None = None, nam
                                "metadata: export it again")
     if any("\n" in label for label in labels):
         raise TwinsDeployError(f"{onnx_path} has a class name with a line break; Triton's labels file cannot hold it")
-    return TritonModel(name=name, platform=PLATFORMS["plan" if plan else "onnx"][0], max_batch_size=max_batch,
+    kind = "ir" if onnx_path.suffix.lower() == ".xml" else "plan" if plan else "onnx"
+    return TritonModel(name=name, platform=PLATFORMS[kind][0], max_batch_size=max_batch,
                        inputs=tuple(inputs), outputs=tuple(outputs), labels=tuple(labels), instances=instances,
                        kind=DEVICES[device], max_queue_delay_us=max_queue_delay_us,
                        preferred_batch_sizes=preferred_batch_sizes(max_batch) if max_batch else ())
@@ -154,7 +161,7 @@ def describe_model(onnx_path: str | Path, *, plan: str | Path | None = None, nam
 
 def build_repository(onnx_path: str | Path, output: str | Path = "model_repository", *,
                      plan: str | Path | None = None, name: str | None = None, max_batch: int = 32,
-                     instances: int = 1, device: str = "gpu", max_queue_delay_us: int = 100) -> TritonReport:
+                     instances: int = 1, device: str | None = None, max_queue_delay_us: int = 100) -> TritonReport:
     """Write (or replace) ``output/NAME`` for Triton; an existing folder is replaced only on success."""
     model = describe_model(onnx_path, plan=plan, name=name, max_batch=max_batch, instances=instances,
                            device=device, max_queue_delay_us=max_queue_delay_us)
@@ -180,6 +187,8 @@ def _write_model_dir(model: TritonModel, repository: Path, target: Path, served:
         built = staging / model.name
         (built / "1").mkdir(parents=True)
         shutil.copyfile(served, built / "1" / model.model_filename)
+        if model.platform == PLATFORMS["ir"][0]:  # the IR's weights, beside model.xml
+            shutil.copyfile(served.with_suffix(".bin"), built / "1" / "model.bin")
         (built / "config.pbtxt").write_text(model.config_text())
         if model.labels:
             (built / LABELS_FILE).write_text("\n".join(model.labels) + "\n")
@@ -208,6 +217,8 @@ def validate_model_dir(folder: Path, model: TritonModel) -> str | None:
     model_file = folder / "1" / model.model_filename
     if not model_file.is_file() or model_file.stat().st_size == 0:
         raise TwinsDeployError(f"{model_file} is missing or empty")
+    if model.platform == PLATFORMS["ir"][0] and not model_file.with_suffix(".bin").is_file():
+        raise TwinsDeployError(f"{model_file.with_suffix('.bin')} (the IR's weights) is missing")
     if model.labels:
         lines = (folder / LABELS_FILE).read_text().splitlines()
         if lines != list(model.labels):
@@ -224,7 +235,7 @@ def validate_model_dir(folder: Path, model: TritonModel) -> str | None:
         raise TwinsDeployError(f"{folder / 'config.pbtxt'} does not parse as Triton's ModelConfig: {exc}") from None
     data_type = model_config_pb2.DataType.Name
     found = {
-        "name": config.name, "platform": config.platform, "max_batch_size": config.max_batch_size,
+        "name": config.name, "platform": config.platform or config.backend, "max_batch_size": config.max_batch_size,
         "inputs": [(t.name, data_type(t.data_type), tuple(t.dims)) for t in config.input],
         "outputs": [(t.name, data_type(t.data_type), tuple(t.dims)) for t in config.output],
         "labels": [t.label_filename for t in config.output if t.label_filename],
@@ -277,6 +288,50 @@ def check_plan_io(model: TritonModel, plan_tensors: list[str], max_profile_batch
     if max_profile_batch is not None and max_profile_batch < model.max_batch_size:
         raise UsageError(f"the plan accepts batches up to {max_profile_batch}: pass --max-batch "
                          f"{max_profile_batch} or build the engine for larger batches")
+
+
+def _onnx_tensors(onnx_path: Path, max_batch: int) -> tuple[ModelMetadata, list[TensorSpec], list[TensorSpec]]:
+    import onnx
+
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TwinsDeployError(f"cannot read {onnx_path} as ONNX: {reason}") from None
+    if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
+        raise UsageError(f"{onnx_path} keeps its weights in external data files; export it as a single file")
+    metadata = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props}, str(onnx_path))
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [_tensor(v, max_batch, onnx_path) for v in proto.graph.input if v.name not in initializers]
+    outputs = [_tensor(v, max_batch, onnx_path) for v in proto.graph.output]
+    if any(-1 in t.dims for t in outputs):  # an exporter left output dims symbolic: infer them from the graph
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+        outputs = [_tensor(v, max_batch, onnx_path) for v in graph.output]
+    return metadata, inputs, outputs
+
+
+def _ir_tensors(ir_path: Path, max_batch: int) -> tuple[ModelMetadata, list[TensorSpec], list[TensorSpec]]:
+    """Metadata and tensors of an OpenVINO IR (``.xml`` beside its ``.bin``)."""
+    from twins_deploy.engines.openvino_backend import ir_props, read_model, require_openvino
+
+    ov = require_openvino()
+    model = read_model(ov.Core(), ir_path)
+    metadata = ModelMetadata.from_props(ir_props(model), str(ir_path))
+
+    def spec(port) -> TensorSpec:
+        dims = tuple(-1 if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
+        element = _OV_TYPES.get(port.get_element_type().get_type_name())
+        if element is None:
+            raise TwinsDeployError(f"{ir_path}: tensor {port.get_any_name()!r} has type {port.get_element_type()}, "
+                                   "which Triton cannot serve")
+        if max_batch > 0:
+            if not dims or dims[0] != -1:
+                raise UsageError(f"{ir_path} has a fixed batch on {port.get_any_name()!r}: build the IR from an "
+                                 "export with a dynamic batch, or pass --max-batch 0")
+            dims = dims[1:]
+        return TensorSpec(port.get_any_name(), _DATA_TYPES[element], dims)
+
+    return metadata, [spec(p) for p in model.inputs], [spec(p) for p in model.outputs]
 
 
 def _tensor(value, max_batch: int, source: Path) -> TensorSpec:

@@ -1,4 +1,4 @@
-"""Engines: one runner interface over torch, onnxruntime and TensorRT, and the table ``--engine`` reads.
+"""Engines: one runner interface over torch, onnxruntime, OpenVINO and TensorRT, and the table ``--engine`` reads.
 
     from twins_deploy.engines import ModelSource, open_engine
     with open_engine("int8", ModelSource("svt-s", weights="random")) as runner:   # built into the cache once

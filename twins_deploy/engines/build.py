@@ -1,4 +1,4 @@
-"""``twins-deploy build``: a TensorRT engine, or an int8/fp16 ONNX for onnxruntime, from the fp32 export."""
+"""``twins-deploy build``: a TensorRT engine, an int8/fp16 ONNX for onnxruntime or an OpenVINO IR, from the fp32 export."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,14 +8,16 @@ import numpy as np
 
 from twins_deploy.errors import TwinsDeployError, UsageError
 
-BUILD_BACKENDS = ("tensorrt", "onnxruntime")
+BUILD_BACKENDS = ("tensorrt", "onnxruntime", "openvino")
 ONNXRUNTIME_PRECISIONS = ("int8", "fp16")
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 CALIBRATION_SEED = 0
 
 
 def default_output(onnx: Path, precision: str, backend: str) -> Path:
     stem = onnx.name[: -len(".onnx")] if onnx.name.endswith(".onnx") else onnx.stem
-    return onnx.with_name(f"{stem}.{precision}.onnx" if backend == "onnxruntime" else f"{stem}.{precision}.plan")
+    suffix = {"onnxruntime": ".onnx", "openvino": ".xml"}.get(backend, ".plan")
+    return onnx.with_name(f"{stem}.{precision}{suffix}")
 
 
 def calibration_set(meta, calib: Path | None, count: int, log: Callable[[str], None]) -> tuple[np.ndarray, str]:
@@ -40,7 +42,13 @@ def parity_vs_fp32(fp32: Path, candidate: Path, meta, samples: int = 8) -> dict:
     inputs = synthetic_images(meta, samples, seed=1)
     outputs = []
     for path in (fp32, candidate):
-        with OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"]) as runner:
+        if path.suffix == ".xml":
+            from twins_deploy.engines.openvino_backend import OpenVinoRunner
+
+            runner = OpenVinoRunner(path)
+        else:
+            runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"])
+        with runner:
             outputs.append(runner.infer(inputs)[runner.describe().output_names[0]])
     return compare(*outputs, classify=meta.output == "logits").as_dict()
 
@@ -60,6 +68,8 @@ def build(onnx: Path, precision: str, backend: str = "tensorrt", *, output: Path
     if backend == "onnxruntime" and precision not in ONNXRUNTIME_PRECISIONS:
         raise UsageError(f"onnxruntime builds {' and '.join(ONNXRUNTIME_PRECISIONS)} ONNX files; "
                          "for fp32 run the export itself")
+    if backend == "openvino" and precision not in OPENVINO_PRECISIONS:
+        raise UsageError(f"OpenVINO builds {', '.join(OPENVINO_PRECISIONS)} IRs, got {precision!r}")
     if not onnx.is_file():
         raise UsageError(f"ONNX file not found: {onnx}")
     if calib_images < 1:
@@ -70,6 +80,19 @@ def build(onnx: Path, precision: str, backend: str = "tensorrt", *, output: Path
     output = output or default_output(onnx, precision, backend)
     report = {"schema_version": 1, "backend": backend, "precision": precision, "onnx": str(onnx), "output": str(output)}
 
+    if backend == "openvino":
+        from twins_deploy.engines.openvino_backend import build_ir
+
+        images = described = None
+        if precision == "int8":
+            images, described = calibration_set(meta, calib, calib_images, log)
+            log(f"quantizing {onnx.name} to int8 with NNCF for OpenVINO, calibrated on {described}")
+        else:
+            log(f"converting {onnx.name} to an OpenVINO IR ({precision})")
+        report["openvino"] = build_ir(onnx, output, precision, calibration=images, calibration_source=described or "")
+        report["parity_vs_fp32"] = parity_vs_fp32(onnx, output, meta)
+        report["bytes"] = report["openvino"].pop("bytes")
+        return report
     if backend == "onnxruntime":
         from twins_deploy.engines.quantize import convert_fp16, quantize_int8
 

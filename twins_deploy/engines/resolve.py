@@ -21,7 +21,7 @@ from twins_deploy.files import CHECKPOINT_SUFFIXES
 from twins_deploy.errors import TwinsDeployError, UsageError
 
 CALIBRATION_IMAGES = 32  # synthetic, seeded: what on-the-fly int8 builds calibrate on
-FILE_SUFFIXES = (".onnx", *PLAN_SUFFIXES, *CHECKPOINT_SUFFIXES)
+FILE_SUFFIXES = (".onnx", ".xml", *PLAN_SUFFIXES, *CHECKPOINT_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,25 @@ class Builds:
             convert_fp16(fp32, path)
         return path
 
+    def openvino_ir(self, precision: str) -> Path:
+        """An OpenVINO IR (``.xml`` + ``.bin``) of ``precision`` made from the fp32 export."""
+        from twins_deploy.engines.artifacts import onnx_metadata
+        from twins_deploy.engines.openvino_backend import build_ir
+        from twins_deploy.engines.quantize import synthetic_images
+
+        path = self.folder / f"openvino-{precision}.xml"
+        if not (path.is_file() and path.with_suffix(".bin").is_file()):
+            fp32 = self.fp32_onnx()
+            images = described = None
+            if precision == "int8":
+                described = f"synthetic, seed 0 ({CALIBRATION_IMAGES} images)"
+                self.log(f"quantizing to int8 for OpenVINO with NNCF ({described})")
+                images = synthetic_images(onnx_metadata(fp32), CALIBRATION_IMAGES, seed=0)
+            else:
+                self.log(f"converting to an OpenVINO {precision} IR in {self.folder} (first use)")
+            build_ir(fp32, path, precision, calibration=images, calibration_source=described or "")
+        return path
+
     def tensorrt_plan(self, precision: str, max_batch: int) -> Path:
         from twins_deploy.engines.tensorrt_backend import QDQ_PRECISIONS, build_engine, gpu_identity, require_tensorrt
 
@@ -131,11 +150,12 @@ def build_fingerprint() -> str:
     even within one version (a source checkout), never reuses files an older one built."""
     import twins_deploy
     from twins_deploy import models
-    from twins_deploy.engines import quantize
+    from twins_deploy.engines import openvino_backend, quantize
     from twins_deploy.exporters import onnx as exporter
 
     digest = hashlib.sha256()
-    files = sorted(Path(models.__file__).parent.glob("*.py")) + [Path(exporter.__file__), Path(quantize.__file__)]
+    files = sorted(Path(models.__file__).parent.glob("*.py")) + [Path(exporter.__file__), Path(quantize.__file__),
+                                                                Path(openvino_backend.__file__)]
     for path in files:
         digest.update(path.read_bytes())
     return f"{twins_deploy.__version__}-{digest.hexdigest()[:8]}"
@@ -179,6 +199,11 @@ def open_engine(engine: str, source: ModelSource | None = None, *, caps: Capabil
         return TorchRunner(source.create, device=device, precision=fmt.precision, compile=compile, threads=threads,
                            name=fmt.name)
     builds = Builds(source, model_folder(source, cache), log)
+    if fmt.backend == "openvino":
+        from twins_deploy.engines.openvino_backend import OpenVinoRunner
+
+        return OpenVinoRunner(builds.openvino_ir(fmt.precision), threads=threads, precision=fmt.precision,
+                              name=fmt.name)
     if fmt.backend == "onnxruntime":
         from twins_deploy.engines.onnxruntime_backend import OnnxRuntimeRunner
 
@@ -195,6 +220,10 @@ def _open_file(path: Path, source: ModelSource | None, *, threads, compile, cuda
     if not path.is_file():
         raise UsageError(f"engine file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix == ".xml":
+        from twins_deploy.engines.openvino_backend import OpenVinoRunner
+
+        return OpenVinoRunner(path, threads=threads)
     if suffix == ".onnx":
         from twins_deploy.engines.onnxruntime_backend import OnnxRuntimeRunner
 
@@ -213,7 +242,7 @@ def _open_file(path: Path, source: ModelSource | None, *, threads, compile, cuda
                                  source.num_classes if source else None, source.config if source else None)
         return TorchRunner(checkpoint.create, device="cuda" if torch.cuda.is_available() else "cpu",
                            compile=compile, threads=threads)
-    raise UsageError(f"{path} is not an engine file: use .onnx, {', '.join(PLAN_SUFFIXES)} or a checkpoint "
+    raise UsageError(f"{path} is not an engine file: use .onnx, .xml (OpenVINO IR), {', '.join(PLAN_SUFFIXES)} or a checkpoint "
                      f"({', '.join(CHECKPOINT_SUFFIXES)})")
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.registry import OUTPUTS, Family, ModelSpec, register, to_size
 from twins_deploy.models.weights import load_torch_file, unwrap_state_dict
 
@@ -116,7 +117,10 @@ class GlobalSubSampleAttn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B*h*w, C) tokens in, (B*h*w, C) out."""
         (h, w), c, heads = self.size, self.dim, self.num_heads
-        q = self.q(x).reshape(-1, h * w, heads, c // heads).transpose(1, 2)
+        # (B, h, w, heads, head_dim) first, not (B, h*w, ...): OpenVINO's int8 ReshapeTransformation moves a
+        # Gemm's per-channel dequantization through a dynamic-batch Reshape whose dim 1 exceeds the channels
+        # (784 tokens > 128) and throws; with h < C at dim 1 it leaves it in place. Numerics are identical.
+        q = self.q(x).reshape(-1, h, w, heads, c // heads).permute(0, 3, 1, 2, 4).reshape(-1, heads, h * w, c // heads)
         if self.sr is not None:
             x = self.sr(x.reshape(-1, h, w, c).permute(0, 3, 1, 2))
             x = self.norm(x.permute(0, 2, 3, 1).reshape(-1, c))
@@ -180,12 +184,14 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1).reshape(-1, self.dim))
 
 
-class Twins(nn.Module):
+class Twins(DeployableModel):
     """Twins for one fixed input size. ``output`` picks what forward returns:
 
     ``logits`` (B, classes), ``embedding`` (B, C) pooled before the head, or ``features``: the
     four stage maps (B, C_i, H_i, W_i) before the final norm, for detection/segmentation necks.
     """
+
+    outputs = OUTPUTS
 
     def __init__(self, config: TwinsConfig, img_size: int | tuple[int, int] = 224,
                  output: str = "logits", spec: ModelSpec | None = None):
@@ -214,22 +220,6 @@ class Twins(nn.Module):
             prev_dim, patch = dim, 2
         self.norm = nn.LayerNorm(self.num_features, eps=BLOCK_NORM_EPS)
         self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
-
-    @property
-    def output(self) -> str:
-        return self._output
-
-    @output.setter
-    def output(self, value: str) -> None:
-        if value not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
-        self._output = value
-
-    def set_fused_attn(self, fused: bool) -> None:
-        """SDPA (fastest in PyTorch) or explicit MatMul-Softmax-MatMul (what exporters want)."""
-        for module in self.modules():
-            if isinstance(module, (LocallyGroupedAttn, GlobalSubSampleAttn)):
-                module.fused_attn = fused
 
     def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The four NCHW stage maps, and the last stage's tokens after the final norm."""

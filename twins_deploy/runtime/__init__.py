@@ -1,4 +1,5 @@
-"""Torch-free runtime: predictions from an exported ONNX file with numpy, pillow and onnxruntime only.
+"""Torch-free runtime: predictions from an exported ONNX file with numpy, pillow and onnxruntime only
+(or from an OpenVINO IR, ``.xml``, with numpy, pillow and openvino only).
 
     from twins_deploy.runtime import Predictor
     predictor = Predictor("svt-s.onnx")            # providers: TensorRT, CUDA, CPU, whichever are installed

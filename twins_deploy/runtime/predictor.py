@@ -1,4 +1,4 @@
-"""``Predictor``: an exported ONNX file in, class ids, names and probabilities out.
+"""``Predictor``: an exported ONNX file (or an OpenVINO IR, ``.xml``) in, class ids, names and probabilities out.
 
 Preprocessing and class names come from the file's own metadata, so a service needs nothing but the
 file. Each call keeps its state on the stack and onnxruntime's ``run`` is thread-safe, so one
@@ -43,7 +43,8 @@ class Prediction:
 
 
 class Predictor:
-    """Loads an exported Twins ONNX file once; ``predict`` / ``embed`` from any thread.
+    """Loads an exported Twins ONNX file (onnxruntime) or OpenVINO IR (``.xml`` + ``.bin``: openvino, CPU)
+    once; ``predict`` / ``embed`` from any thread.
 
     ``providers``: onnxruntime execution providers in order of preference, full names or
     ``"tensorrt"``, ``"cuda"``, ``"cpu"`` (default: TensorRT, CUDA, CPU, whichever are installed).

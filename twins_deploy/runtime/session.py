@@ -1,10 +1,13 @@
-"""onnxruntime sessions made one way for the runtime and the onnxruntime engine."""
+"""Sessions made one way for the runtime and the engines: onnxruntime for ONNX files, OpenVINO for IRs.
+
+Each library is imported when a session needs it, so a service that runs an OpenVINO IR needs
+numpy, pillow and openvino only, and one that runs ONNX numpy, pillow and onnxruntime.
+"""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-
-import onnxruntime as ort
 
 from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.metadata import ModelMetadata
@@ -18,8 +21,18 @@ PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExe
 Provider = str | tuple[str, dict]  # a name, or (name, provider options) as onnxruntime takes them
 
 
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("onnxruntime is not installed: pip install onnxruntime (or run an OpenVINO IR, .xml, "
+                         "with openvino)") from None
+    return onnxruntime
+
+
 def default_providers() -> list[str]:
     """The installed execution providers, fastest first (CUDA/TensorRT when present, CPU always)."""
+    ort = _onnxruntime()
     available = ort.get_available_providers()
     return [p for p in PROVIDER_PREFERENCE if p in available] or available
 
@@ -28,7 +41,7 @@ def resolve_providers(providers: list[Provider] | None) -> list[Provider]:
     """Full provider names (aliases expanded), each checked to be installed; ``None`` means the defaults."""
     if not providers:
         return default_providers()
-    available = ort.get_available_providers()
+    available = _onnxruntime().get_available_providers()
     resolved = []
     for provider in providers:
         name, options = provider if isinstance(provider, tuple) else (provider, None)
@@ -40,10 +53,17 @@ def resolve_providers(providers: list[Provider] | None) -> list[Provider]:
 
 
 def create_session(model: str | Path | bytes, providers: list[Provider] | None = None,
-                   threads: int | None = None) -> ort.InferenceSession:
-    """An ``InferenceSession`` with full graph optimisation; ``threads`` caps intra-op threads."""
+                   threads: int | None = None):
+    """An ``InferenceSession`` with full graph optimisation; ``threads`` caps intra-op threads.
+    An OpenVINO IR (a ``.xml`` path) gets an ``OpenVinoSession``, which answers the same calls."""
+    if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".xml":
+        if providers and any((p[0] if isinstance(p, tuple) else p).lower() not in ("cpu", "openvino")
+                             for p in providers):
+            raise UsageError(f"{model} is an OpenVINO IR: it runs on OpenVINO's CPU plugin (providers=['cpu'])")
+        return OpenVinoSession(model, threads)
     if isinstance(model, (str, Path)) and not Path(model).is_file():
         raise UsageError(f"ONNX file not found: {model}")
+    ort = _onnxruntime()
     providers = resolve_providers(providers)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -57,6 +77,70 @@ def create_session(model: str | Path | bytes, providers: list[Provider] | None =
         raise TwinsDeployError(f"onnxruntime cannot load {name} (is it an ONNX file?): {first_line}") from None
 
 
-def session_metadata(session: ort.InferenceSession, source: str = "the model") -> ModelMetadata:
+def session_metadata(session, source: str = "the model") -> ModelMetadata:
     """The twins-deploy metadata an exported file carries (preprocessing, class names)."""
     return ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map), source)
+
+
+class _Port:
+    """An input or output as onnxruntime describes it: name, shape (a str for a dynamic axis), type."""
+
+    def __init__(self, port):
+        self.name = port.get_any_name()
+        self.shape = [d.get_length() if d.is_static else "batch" for d in port.get_partial_shape()]
+        self.type = {"f32": "tensor(float)", "f16": "tensor(float16)"}.get(port.get_element_type().get_type_name(),
+                                                                          str(port.get_element_type()))
+
+
+class OpenVinoSession:
+    """An OpenVINO IR behind the part of onnxruntime's ``InferenceSession`` API the runtime uses.
+
+    Compiled for the CPU with the latency hint, one stream, ``threads`` inference threads, and the
+    precision the IR was built for (bf16 for ``bf16`` and ``int8`` IRs, f32 otherwise). Each thread
+    gets its own infer request, so one session serves concurrent calls.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise UsageError("OpenVINO is not installed: pip install openvino (an .xml file is an OpenVINO IR)") from None
+        path = Path(path)
+        if not path.is_file() or not path.with_suffix(".bin").is_file():
+            raise UsageError(f"OpenVINO IR not found: {path} (with {path.with_suffix('.bin').name} beside it)")
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TwinsDeployError(f"OpenVINO cannot read {path}: {first_line}") from None
+        section = model.get_rt_info()["twins_deploy"] if model.has_rt_info(["twins_deploy"]) else {}
+        self._props = {key: value.astype(str) for key, value in section.items()}
+        precision = "bf16" if self._props.get("precision") in ("bf16", "int8") else "f32"
+        self._compiled = core.compile_model(model, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1)})
+        self._inputs = [_Port(p) for p in model.inputs]
+        self._outputs = [_Port(p) for p in model.outputs]
+        self._local = threading.local()
+
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def get_outputs(self) -> list:
+        return self._outputs
+
+    def get_providers(self) -> list[str]:
+        return ["OpenVINO CPU"]
+
+    def get_modelmeta(self):
+        return type("ModelMeta", (), {"custom_metadata_map": dict(self._props)})()
+
+    def run(self, output_names, feed: dict) -> list:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        request.infer(feed)
+        names = output_names or [o.name for o in self._outputs]
+        index = {o.name: i for i, o in enumerate(self._outputs)}
+        return [request.get_output_tensor(index[name]).data.copy() for name in names]
