@@ -53,6 +53,7 @@ def write_every_output(folder: Path, tiny_onnx: Path) -> list[Path]:
     from twins_deploy.engines.predict import write_predictions
     from twins_deploy.engines.quantize import convert_fp16, quantize_int8, synthetic_images
     from twins_deploy.engines.artifacts import onnx_metadata
+    from twins_deploy.engines.openvino_backend import build_ir
     from twins_deploy.engines.resolve import Builds, ModelSource
     from twins_deploy.exporters import export_onnx
     from twins_deploy.triton import build_repository
@@ -61,6 +62,7 @@ def write_every_output(folder: Path, tiny_onnx: Path) -> list[Path]:
     images = synthetic_images(onnx_metadata(tiny_onnx), 2)
     quantize_int8(tiny_onnx, folder / "int8.onnx", images, target="cpu", calibration_source="synthetic")
     convert_fp16(tiny_onnx, folder / "fp16.onnx")
+    build_ir(tiny_onnx, folder / "ir.xml", "fp32")
     records = [{"input": "a.jpg", "predictions": [{"class_id": 1, "name": "class_1", "prob": 0.9}]}]
     write_predictions(records, folder / "predictions.jsonl")
     write_predictions(records, folder / "predictions.csv")
@@ -70,8 +72,9 @@ def write_every_output(folder: Path, tiny_onnx: Path) -> list[Path]:
                                  "--warmup", "0", "--json", str(folder / "bench.json"), "--csv", str(folder / "bench.csv")])
     assert result.exit_code == 0, result.output
     repository = folder / "repository" / "tiny"
-    return [folder / name for name in ("export.onnx", "int8.onnx", "fp16.onnx", "predictions.jsonl", "predictions.csv",
-                                       "bench.json", "bench.csv")] + [cached] + \
+    outputs = ("export.onnx", "int8.onnx", "fp16.onnx", "ir.xml", "ir.bin", "predictions.jsonl", "predictions.csv",
+               "bench.json", "bench.csv")
+    return [folder / name for name in outputs] + [cached] + \
         [repository / "config.pbtxt", repository / "labels.txt", repository / "1" / "model.onnx"]
 
 

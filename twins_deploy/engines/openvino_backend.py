@@ -23,6 +23,7 @@ import numpy as np
 from twins_deploy.engines.base import EngineInfo, Runner
 from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.metadata import ModelMetadata
+from twins_deploy.files import cleanup_on_sigterm, output_mode
 
 RT_KEY = "twins_deploy"  # rt_info section that holds our metadata
 IR_PRECISIONS = ("fp32", "bf16", "int8")
@@ -96,16 +97,18 @@ def save_ir_atomic(model, path: str | Path) -> int:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_xml, tmp_bin = Path(tmp), Path(tmp).with_suffix(".bin")
-    try:
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-        for written in (tmp_bin, tmp_xml):
-            with open(written, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp_bin, path.with_suffix(".bin"))
-        os.replace(tmp_xml, path)
-    finally:
-        tmp_xml.unlink(missing_ok=True)
-        tmp_bin.unlink(missing_ok=True)
+    with cleanup_on_sigterm():
+        try:
+            ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+            for written, final in ((tmp_bin, path.with_suffix(".bin")), (tmp_xml, path)):
+                with open(written, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.chmod(written, output_mode(final))
+            os.replace(tmp_bin, path.with_suffix(".bin"))
+            os.replace(tmp_xml, path)
+        finally:
+            tmp_xml.unlink(missing_ok=True)
+            tmp_bin.unlink(missing_ok=True)
     return path.stat().st_size + path.with_suffix(".bin").stat().st_size
 
 
