@@ -110,10 +110,6 @@ class FlaxCaiT(DeployableModel):
             cls = layer(cls, context=x)
         return self.norm(cls)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        embedding = self.forward_embedding(pixels)
-        return embedding if self.output == "embedding" else self.head(embedding)
-
     def init_weights(self, seed: int = 0) -> None:
         init_vit_weights(self, seed)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.flax_blocks import (
-    attend, count_indexed, explain_config_mismatch, gelu_tanh, read_flax_file, rename_flax, shape_of, trunc_normal_,
+    attend, count_indexed, explain_config_mismatch, gelu_tanh, read_flax_file, rename_flax, shape_of,
 )
 from twins_deploy.models.registry import Family, ModelSpec, register, to_size
 
@@ -237,24 +237,9 @@ class FlaxCrossFormer(DeployableModel):
         (h, w), c = self.stages[-1].size, self.num_features
         return x.permute(0, 2, 3, 1).reshape(-1, h * w, c).mean(dim=1)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        embedding = self.forward_embedding(pixels)
-        return embedding if self.output == "embedding" else self.head(embedding)
-
-    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Seeded: truncated-normal Dense/Conv kernels (std 0.02), zero biases, unit norms; then the
-        position-bias tables from the new MLP weights."""
-        generator = torch.Generator().manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(module.weight, generator)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        """The shared seeded initialisation, then the position-bias tables from the new MLP weights."""
+        super().init_weights(seed)
         for module in self.modules():
             if isinstance(module, CrossFormerAttention):
                 module.refresh_position_bias()

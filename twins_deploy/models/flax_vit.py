@@ -96,10 +96,6 @@ class FlaxViT(DeployableModel):
         x = x.mean(dim=1) if self.config.pool == "mean" else x[:, 0]
         return self.norm(x)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        embedding = self.forward_embedding(pixels)
-        return embedding if self.output == "embedding" else self.head(embedding)
-
     def init_weights(self, seed: int = 0) -> None:
         init_vit_weights(self, seed)
 

@@ -293,24 +293,6 @@ class StaticTwinsSVT(DeployableModel):
         h, w = self.stage_sizes[-1]
         return x.reshape(-1, h * w, self.num_features).mean(dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        embedding = self.forward_embedding(x)
-        return embedding if self.output == "embedding" else self.head(embedding)
-
-    @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Seeded initialisation: truncated-normal projections and convs, unit LayerNorms, zero biases."""
-        generator = torch.Generator().manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04, generator=generator)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
 
 def patch_columns_to_ours(weight: torch.Tensor, dim_in: int, patch: int) -> torch.Tensor:
     """Patch-vector axis (last) from the libraries' (c, p1, p2) order to ours (p1, p2, c)."""
