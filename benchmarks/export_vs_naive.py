@@ -33,6 +33,7 @@ import onnxruntime as ort
 import torch
 
 from twins_deploy.exporters import export_onnx
+from twins_deploy.runtime.session import create_session
 from twins_deploy.models import create_model
 
 GOAL_RATIO = 0.90
@@ -46,14 +47,6 @@ def hand_export(model, path: Path) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), input_names=["pixel_values"], output_names=["logits"],
                           dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}, verbose=False)
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def graph_facts(path: Path) -> dict:
@@ -74,7 +67,7 @@ def main() -> int:
     parser.add_argument("--model", default="svt-s")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30, help="alternating rounds")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per model per round")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per model per round (10+: a whole round per engine)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keep", type=Path, help="keep both ONNX files in this folder")
@@ -92,7 +85,8 @@ def main() -> int:
         return 1
     hand_export(model, paths["hand"])
 
-    sessions = {name: session(path, args.threads) for name, path in paths.items()}
+    sessions = {name: create_session(path, providers=["CPUExecutionProvider"], threads=args.threads)
+                for name, path in paths.items()}
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, *model.img_size), dtype=np.float32)
     outputs = {name: s.run(None, {"pixel_values": pixels})[0] for name, s in sessions.items()}
     for s in sessions.values():

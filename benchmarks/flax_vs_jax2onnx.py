@@ -44,6 +44,9 @@ import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from twins_deploy.runtime.session import create_session  # noqa: E402  (after the repo is on the path)
+
+CPU = ["CPUExecutionProvider"]
 
 GOAL_RATIO = 0.8
 SEEDS = {  # our spec name -> (vit-flax module, class)
@@ -70,15 +73,6 @@ def missing_tools(vit_flax: Path | None) -> str | None:
     if not (vit_flax / "vit_flax" / "vit.py").is_file():
         return f"{vit_flax} holds no vit_flax/vit.py: pass the root of a vit-flax checkout"
     return None
-
-
-def session(model: str | bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def graph_stats(proto: onnx.ModelProto) -> dict:
@@ -109,7 +103,7 @@ def convert_with_jax2onnx(apply, size: tuple[int, int], batch, path: Path) -> tu
     except Exception as exc:  # whatever jax2onnx raises is the finding
         return None, f"conversion failed: {first_line(exc)}"
     try:
-        session(str(path), 1)
+        create_session(path, providers=CPU, threads=1)
     except Exception as exc:  # onnxruntime refuses the file
         return None, f"converted, but onnxruntime rejects the file: {first_line(exc)}"
     return str(path), None
@@ -181,7 +175,7 @@ def compare(name: str, vit_flax: Path, folder: Path, args) -> dict:
             entry.update(graph_stats(onnx.load(path, load_external_data=False)))
         result["jax2onnx"][mode] = entry
 
-    ours_session = session(str(ours.path), args.threads)
+    ours_session = create_session(ours.path, providers=CPU, threads=args.threads)
     ours_feed = {"pixel_values": np.ascontiguousarray(image.transpose(0, 3, 1, 2))}
     ours_logits = ours_session.run(None, ours_feed)[0]
     scale = float(np.abs(flax_logits).max())
@@ -189,7 +183,7 @@ def compare(name: str, vit_flax: Path, folder: Path, args) -> dict:
     engines = {"ours": (ours_session, ours_feed)}
     fixed = result["jax2onnx"]["fixed"]
     if fixed["converted"]:
-        theirs = session(str(folder / "jax2onnx-fixed.onnx"), args.threads)
+        theirs = create_session(folder / "jax2onnx-fixed.onnx", providers=CPU, threads=args.threads)
         feed = {theirs.get_inputs()[0].name: image}
         fixed["max_rel_vs_flax"] = float(np.abs(theirs.run(None, feed)[0] - flax_logits).max() / scale)
         engines["jax2onnx"] = (theirs, feed)

@@ -35,6 +35,7 @@ import onnxruntime as ort
 import torch
 
 from twins_deploy.exporters import export_onnx
+from twins_deploy.runtime.session import create_session
 from twins_deploy.models import create_model
 
 GOAL_RATIO = 0.80
@@ -63,14 +64,6 @@ def direct_export(model: torch.nn.Module, path: Path) -> str:
         torch.onnx.export(model, (example,), str(path), input_names=["pixel_values"], output_names=["logits"],
                           dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
     return f"torch.onnx.export (torch {torch.__version__} defaults), dynamic batch"
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def graph_facts(path: Path) -> dict:
@@ -146,7 +139,8 @@ def main() -> int:
         return 1
     routes["vit-flax ours"] = "twins-deploy export_onnx, dynamic batch, opset 17"
 
-    sessions = {name: session(path, args.threads) for name, path in paths.items()}
+    sessions = {name: create_session(path, providers=["CPUExecutionProvider"], threads=args.threads)
+                for name, path in paths.items()}
     outputs = {name: s.run(None, {"pixel_values": pixels})[0] for name, s in sessions.items()}
     print(f"timing {len(sessions)} engines: {args.rounds} rounds x {args.runs} runs ...", file=sys.stderr)
     per_round = time_rounds(sessions, pixels, args.rounds, args.runs, args.warmup)
