@@ -24,6 +24,17 @@ class DeployableModel(nn.Module):
 
     outputs: tuple[str, ...] = ("logits", "embedding")
 
+    def __init__(self, config, img_size, output: str, spec, family: str, stride: int = 1):
+        """What every model carries: its config, its spec, the input size fixed at build time, its classes."""
+        from twins_deploy.models.registry import ModelSpec, to_size
+
+        super().__init__()
+        self.config = config
+        self.spec = spec or ModelSpec("custom", config, family=family)
+        self.img_size = to_size(img_size, stride)
+        self.num_classes = config.num_classes
+        self.output = output
+
     @property
     def output(self) -> str:
         return self._output

@@ -169,13 +169,8 @@ class FlaxCrossViT(DeployableModel):
 
     def __init__(self, config: FlaxCrossViTConfig, img_size: int | tuple[int, int] = 256,
                  output: str = "logits", spec: ModelSpec | None = None):
-        super().__init__()
-        self.config = config
-        self.spec = spec or ModelSpec("custom", config, family=FAMILY)
-        self.img_size = to_size(img_size)
-        self.num_classes = config.num_classes
+        super().__init__(config, img_size, output, spec, FAMILY)
         self.num_features = config.sm_dim + config.lg_dim
-        self.output = output
         self.sm_embed = ImageEmbedder(config.sm_dim, config.image_size, config.sm_patch_size, self.img_size, "sm")
         self.lg_embed = ImageEmbedder(config.lg_dim, config.image_size, config.lg_patch_size, self.img_size, "lg")
         patches = (self.sm_embed.num_patches, self.lg_embed.num_patches)

@@ -26,7 +26,7 @@ from twins_deploy.models.base import DeployableModel
 from twins_deploy.models.flax_blocks import (
     attend, count_indexed, explain_config_mismatch, gelu_tanh, read_flax_file, rename_flax, shape_of,
 )
-from twins_deploy.models.registry import Family, ModelSpec, register, to_size
+from twins_deploy.models.registry import Family, ModelSpec, register
 
 NORM_EPS = 1e-5
 DIM_HEAD = 32  # fixed by vit-flax's CrossFormer
@@ -216,12 +216,7 @@ class FlaxCrossFormer(DeployableModel):
 
     def __init__(self, config: FlaxCrossFormerConfig, img_size: int | tuple[int, int] = 224,
                  output: str = "logits", spec: ModelSpec | None = None):
-        super().__init__()
-        self.config = config
-        self.spec = spec or ModelSpec("custom", config, family=FAMILY)
-        self.img_size = to_size(img_size)
-        self.num_classes = config.num_classes
-        self.output = output
+        super().__init__(config, img_size, output, spec, FAMILY)
         stages, size, in_dim = config.stages(), self.img_size, 3
         self.stages = nn.ModuleList()
         for index, stage in enumerate(stages):

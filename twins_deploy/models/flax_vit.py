@@ -65,16 +65,11 @@ class FlaxViT(DeployableModel):
 
     def __init__(self, config: FlaxViTConfig, img_size: int | tuple[int, int] = 256,
                  output: str = "logits", spec: ModelSpec | None = None):
-        super().__init__()
-        self.config = config
-        self.spec = spec or ModelSpec("custom", config, family=FAMILY)
-        self.img_size = to_size(img_size)
+        super().__init__(config, img_size, output, spec, FAMILY)
         self.patch = to_size(config.patch_size)
         image_size = to_size(config.image_size)
         self.num_patches = check_patches(image_size, self.patch, self.img_size)
-        self.num_classes = config.num_classes
         self.num_features = dim = config.dim
-        self.output = output
         allotted = (image_size[0] // self.patch[0]) * (image_size[1] // self.patch[1])
         self.patch_embed = nn.Linear(self.patch[0] * self.patch[1] * 3, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))

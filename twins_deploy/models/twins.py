@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twins_deploy.models.base import DeployableModel
-from twins_deploy.models.registry import OUTPUTS, Family, ModelSpec, register, to_size
+from twins_deploy.models.registry import OUTPUTS, Family, ModelSpec, register
 from twins_deploy.models.weights import load_torch_file, unwrap_state_dict
 
 BLOCK_NORM_EPS = 1e-6  # block and final LayerNorm; patch-embed and GSA sub-sample norms use 1e-5
@@ -195,12 +195,7 @@ class Twins(DeployableModel):
 
     def __init__(self, config: TwinsConfig, img_size: int | tuple[int, int] = 224,
                  output: str = "logits", spec: ModelSpec | None = None):
-        super().__init__()
-        self.config = config
-        self.img_size = to_size(img_size, config.total_stride)
-        self.spec = spec or ModelSpec("custom", config)
-        self.num_classes = config.num_classes
-        self.output = output
+        super().__init__(config, img_size, output, spec, "twins", config.total_stride)
         self.num_features = config.embed_dims[-1]
         self.stage_sizes = []
         size = self.img_size

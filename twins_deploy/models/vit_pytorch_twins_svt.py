@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twins_deploy.models.base import DeployableModel
-from twins_deploy.models.registry import Family, ModelSpec, register, to_size
+from twins_deploy.models.registry import Family, ModelSpec, register
 from twins_deploy.models.weights import load_torch_file, unwrap_state_dict
 
 HEADS, DIM_HEAD, MLP_MULT = 8, 64, 4  # fixed by both libraries' TwinsSVT
@@ -265,12 +265,7 @@ class StaticTwinsSVT(DeployableModel):
 
     def __init__(self, config: TwinsSVTArgs, img_size: int | tuple[int, int] | str = 224,
                  output: str = "logits", spec: ModelSpec | None = None):
-        super().__init__()
-        self.config = config
-        self.img_size = to_size(img_size)
-        self.spec = spec or ModelSpec("custom", config, family=self.family_name)
-        self.num_classes = config.num_classes
-        self.output = output
+        super().__init__(config, img_size, output, spec, self.family_name)
         self.stage_sizes = stage_sizes(config, self.img_size, self.flavour)
         self.num_features = config.s4_emb_dim
         stages, dim_in = [], 3
