@@ -18,13 +18,23 @@ from typer.core import TyperGroup
 
 from twins_deploy import __version__
 from twins_deploy.errors import TwinsDeployError
+from twins_deploy.logs import library_logs
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+# The help lists the commands in the order a user walks the pipeline; a command not named here follows them.
+PIPELINE_ORDER = ("models", "export", "verify", "build", "bench", "infer", "serve", "triton")
+
+
 class _Group(TyperGroup):
-    """Turns ``TwinsDeployError`` into one line on stderr and its exit code."""
+    """Lists the commands in pipeline order; turns ``TwinsDeployError`` into one line on stderr and its exit code."""
+
+    def list_commands(self, ctx):
+        unplaced = len(PIPELINE_ORDER)  # sorted() is stable: those keep their registration order
+        return sorted(super().list_commands(ctx),
+                      key=lambda name: PIPELINE_ORDER.index(name) if name in PIPELINE_ORDER else unplaced)
 
     def invoke(self, ctx):
         try:
@@ -52,35 +62,63 @@ ConfigOption = Annotated[Optional[Path], typer.Option(
                      "missing keys take the library's defaults.")]
 
 
+def _table(title: Optional[str] = None, **options) -> Table:
+    """Every table the command line prints: a light rule under the header, one space between columns and
+    none outside them, so that it fits 80 columns."""
+    return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), pad_edge=False,
+                 **options)
+
+
+def _split_list(values: Optional[list[str]]) -> list[str]:
+    """A list option takes both spellings, ``-e a,b`` and ``-e a -e b`` (and a mix of them)."""
+    return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"twins-deploy {__version__}")
         raise typer.Exit()
 
 
+class _Settings:
+    """Options of the whole command line, read by the commands and by ``_Group``."""
+
+    verbose = False  # --verbose: the libraries' log lines and full tracebacks
+
+
+settings = _Settings()
+
+
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Show the version and exit.")] = False) -> None:
+def main(ctx: typer.Context,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Show the version and exit.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the log lines of the libraries "
+                                               "underneath and full tracebacks.")] = False) -> None:
     """Deploy Twins-PCPVT and Twins-SVT: export to ONNX, build engines, bench, infer, serve."""
+    settings.verbose = verbose
+    ctx.with_resource(library_logs(verbose))  # the libraries' log lines, for the command's whole run
 
 
 @app.command()
 def models(as_json: JsonFlag = False) -> None:
     """List every model: names, aliases, family, parameters, GFLOPs, input size, where weights come from."""
-    from twins_deploy.models import model_table
+    from twins_deploy.catalogue import model_rows  # counted once from the registry: no torch, no model built
 
-    rows = model_table()
+    rows = model_rows()
     if as_json:
         print(json.dumps({"schema_version": 2, "models": rows}, indent=2))
         return
-    table = Table(title="Models (GFLOPs at the default input and configuration)", box=box.SIMPLE_HEAD,
-                  pad_edge=False, caption="vit-pytorch and vit-flax models take --config (the class's arguments) "
-                                          "and --weights FILE or random")
-    for column in ("name", "aliases", "params", "GFLOPs", "input", "weights"):
-        table.add_column(column, justify="right" if column in ("params", "GFLOPs") else "left")
-    for row in rows:
-        table.add_row(row["name"], "\n".join(row["aliases"]), f"{row['params']:,}", f"{row['gflops']:.2f}",
-                      "x".join(map(str, row["input_size"])), row["weights"])
+    table = _table("Models (GFLOPs at the default input and configuration)",
+                   caption="vit-pytorch and vit-flax models take --config (the class's arguments) "
+                           "and --weights FILE or random")
+    for column in ("name (aliases)", "params", "GFLOPs", "input", "weights"):
+        table.add_column(column, justify="right" if column in ("params", "GFLOPs") else "left",
+                         overflow="fold" if column == "weights" else "ellipsis")
+    for row in rows:  # aliases under the name: the table fits 80 columns
+        names = escape(row["name"]) + "".join(f"\n[dim]{escape(alias)}[/]" for alias in row["aliases"])
+        table.add_row(names, f"{row['params']:,}", f"{row['gflops']:.2f}", "x".join(map(str, row["input_size"])),
+                      escape(row["weights"]))
     console.print(table)
 
 
@@ -125,7 +163,7 @@ def triton(
         print(json.dumps(report.as_dict(), indent=2))
         return
     model = report.model
-    table = Table(title=f"Triton model {model.name} ({model.platform}) in {report.repository}")
+    table = _table(escape(f"Triton model {model.name} ({model.platform}) in {report.repository}"))
     for column in ("tensor", "name", "type", "dims", "labels"):
         table.add_column(column)
     for kind, tensors in (("input", model.inputs), ("output", model.outputs)):
@@ -250,13 +288,14 @@ def build(
 
 @app.command()
 def bench(
-    engine: Annotated[list[str], typer.Option("--engine", "-e", help=EngineHelp + " Repeat to compare engines.")],
+    engine: Annotated[list[str], typer.Option("--engine", "-e", help=EngineHelp + " Several to compare them: "
+                                              "-e onnx,int8 or -e onnx -e int8.")],
     model: OptionalModelOption = None,
     weights: WeightsOption = "pretrained",
     img_size: ImgSizeOption = None,
     num_classes: NumClassesOption = None,
     config: ConfigOption = None,
-    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    batch: Annotated[list[str], typer.Option(help="Batch sizes: --batch 1,8,32 or --batch 1 --batch 8.")] = ["1,8"],
     warmup: Annotated[int, typer.Option(help="Untimed runs per engine and batch size.")] = 5,
     iters: Annotated[Optional[int], typer.Option(help="Timed runs per engine and batch size.")] = None,
     seconds: Annotated[Optional[float], typer.Option(
@@ -269,6 +308,9 @@ def bench(
     cuda_graph: Annotated[bool, typer.Option(help="Replay TensorRT engines as CUDA graphs.")] = True,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the results as CSV here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Draw latency (p50, whiskers to p90 and p99) and images/s of every engine at every batch "
+                       "into this .png or .svg (needs matplotlib: pip install 'twins-deploy[plot]').")] = None,
 ) -> None:
     """Latency (min/mean/p50/p90/p95/p99) and throughput of engines at several batch sizes, with ratios.
 
@@ -286,12 +328,18 @@ def bench(
     from twins_deploy.files import atomic_output
     from twins_deploy.engines.bench import CLOCKS, bench as run_bench, bench_report, describe_machine
 
+    engine = _split_list(engine)
     try:
-        batches = [int(b) for b in batch.split(",") if b.strip()]
+        batches = [int(b) for b in _split_list(batch)]
     except ValueError:
-        raise _usage(f"--batch takes comma-separated integers like 1,8,32, got {batch!r}") from None
+        raise _usage(f"--batch takes comma-separated integers like 1,8,32 (or --batch 1 --batch 8), "
+                     f"got {','.join(batch)!r}") from None
     if not batches or min(batches) < 1:
-        raise _usage(f"--batch needs positive sizes, got {batch!r}")
+        raise _usage(f"--batch needs positive sizes, got {','.join(batch)!r}")
+    if plot is not None:
+        from twins_deploy.engines.plot import check_plot_path
+
+        check_plot_path(plot)  # before the run, not after it
     if iters is not None and seconds is not None:
         raise _usage("give --iters or --seconds, not both")
     seconds = 5.0 if iters is None and seconds is None else seconds
@@ -337,10 +385,14 @@ def bench(
         writer.writerows(report["results"])
         with atomic_output(csv_path) as tmp:
             tmp.write_text(buffer.getvalue())
+    if plot is not None:
+        from twins_deploy.engines.plot import plot_bench
+
+        _log(f"wrote the plot to {plot_bench(report, plot)}")
     gpu = machine["gpu"]["name"] if machine["gpu"] else "no GPU"
     libraries = ", ".join(f"{k} {v}" for k, v in machine["libraries"].items())
-    table = Table(title=f"{machine['cpu']} ({machine['cpu_threads']} threads), {gpu}; {clock} clock; latency in ms",
-                  caption=libraries, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)  # light borders: fits 80 columns
+    table = _table(f"{machine['cpu']} ({machine['cpu_threads']} threads), {gpu}; {clock} clock; latency in ms",
+                   caption=libraries)
     on_gpu = any(row.gpu_compute_ms_p50 is not None for row in rows)
     columns = ["engine", "device", "batch", "p50", "p90", "p99", "mean", "min", "img/s"]
     ratios = len(engine) > 1
@@ -359,9 +411,27 @@ def bench(
     console.print(table)
 
 
+def _images_progress(label: str):
+    """A transient progress bar on stderr and the ``show(done, total)`` that moves it: images done of the
+    total, images per second, time elapsed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeElapsedColumn(), console=err_console, transient=True)
+    task = bar.add_task(label, total=None, rate="")
+
+    def show(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+        speed = bar.tasks[0].speed
+        bar.update(task, rate=f"{speed:.1f} img/s" if speed else "")
+
+    return bar, show
+
+
 @app.command()
 def infer(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs; with --ray also "
+                                                "URIs (s3://, gs://, file://...) and .txt files listing one per line.")],
     engine: Annotated[str, typer.Option("--engine", "-e", help=EngineHelp)],
     model: OptionalModelOption = None,
     weights: WeightsOption = "pretrained",
@@ -372,43 +442,75 @@ def infer(
     batch_size: Annotated[int, typer.Option(help="Images per engine call.")] = 32,
     threads: ThreadsOption = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Write predictions to a .jsonl or .csv file instead of a table.")] = None,
+        "--output", "-o", help="Write predictions to a .jsonl, .csv or .parquet file, or to a folder of Parquet "
+                               "parts (a path without a suffix), instead of a table.")] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run on Ray Data: a private local Ray on 127.0.0.1 (stopped at the end), or the cluster at "
+                      "--address.", rich_help_panel="Ray")] = False,
+    address: Annotated[Optional[str], typer.Option(
+        help="The Ray cluster: auto, HOST:PORT or ray://HOST:PORT (implies --ray).", rich_help_panel="Ray")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Engine actors, each with --threads threads (default: one per CPU of the cluster, 1 thread each).",
+        rich_help_panel="Ray")] = None,
 ) -> None:
-    """Classify images: top-k classes with names and probabilities; exits 1 when any input failed."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    """Classify (or embed) images: top-k classes with names and probabilities; exits 1 when any input failed.
 
-    from twins_deploy.engines import open_engine
+    With --ray the job runs on Ray Data, here or on a cluster: every input is answered exactly once,
+    even when a worker dies."""
     from twins_deploy.engines.predict import check_output, collect_inputs, predict, write_predictions
 
     if topk < 1 or batch_size < 1:
         raise _usage("--topk and --batch-size must be at least 1")
-    if output is not None:
-        check_output(output)
-    items = collect_inputs(inputs)
-    with open_engine(engine, _source(model, weights, img_size, num_classes, config), threads=threads, log=_log) as runner:
-        with Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), console=err_console,
-                      transient=True) as progress:
-            task = progress.add_task("infer", total=len(items))
-            records = list(predict(runner, items, topk=topk, batch_size=batch_size,
-                                   on_item=lambda: progress.advance(task)))
-    failed = [r for r in records if "error" in r]
-    if output is not None:
-        write_predictions(records, output)
-        _log(f"wrote {len(records)} predictions to {output}")
+    if workers is not None and not (ray or address):
+        raise _usage("--workers sets the engine actors of a Ray job: add --ray")
+    source = _source(model, weights, img_size, num_classes, config)
+    if ray or address:
+        from twins_deploy.batch import run_job
+
+        bar, show = _images_progress("infer --ray")
+        with bar:
+            report = run_job(engine, inputs, source=source, address=address, workers=workers, threads=threads,
+                             batch_size=batch_size, topk=topk, output=output, progress=show, log=_log)
+        records, total, failed, first = report.records, report.total, report.failed, report.first_failure
     else:
-        table = Table()
+        from twins_deploy.engines import open_engine
+
+        if output is not None:
+            check_output(output)
+        items = collect_inputs(inputs)
+        with open_engine(engine, source, threads=threads, log=_log) as runner:
+            head = runner.describe().metadata.output
+            if output is not None:
+                check_output(output, head)
+            bar, show = _images_progress("infer")
+            with bar:
+                records = []
+                for record in predict(runner, items, topk=topk, batch_size=batch_size):
+                    records.append(record)
+                    show(len(records), len(items))
+        if output is not None:
+            write_predictions(records, output, head)
+        failures = [r for r in records if "error" in r]
+        total, failed, first = len(records), len(failures), (failures or [None])[0]
+    if output is not None:
+        _log(f"wrote {total} predictions to {output}")
+    else:
+        table = _table()
         for column in ("input", "top-1", "prob", f"top-{topk}" if topk > 1 else "class id"):
             table.add_column(column, justify="right" if column == "prob" else "left")
         for record in records:
             if "error" in record:
                 table.add_row(record["input"], f"[red]error: {record['error']}[/]", "", "")
                 continue
+            if "embedding" in record:
+                table.add_row(record["input"], f"embedding ({len(record['embedding'])} values)", "", "")
+                continue
             best = record["predictions"]
             rest = ", ".join(p["name"] for p in best[1:]) if topk > 1 else str(best[0]["class_id"])
             table.add_row(record["input"], best[0]["name"], f"{best[0]['prob']:.3f}", rest)
         console.print(table)
     if failed:
-        _log(f"{len(failed)} of {len(records)} inputs failed (first: {failed[0]['input']}: {failed[0]['error']})")
+        _log(f"{failed} of {total} inputs failed (first: {first['input']}: {first['error']})")
         raise typer.Exit(1)
 
 
@@ -450,8 +552,8 @@ def verify(
         print(json.dumps(report.as_dict(), indent=2))
     else:
         p, t = report.parity, report.threshold
-        table = Table(title=f"{report.engine} ({report.backend}, {report.precision}, {report.device}) vs PyTorch fp32 "
-                            f"on {report.samples} images ({report.inputs})")
+        table = _table(escape(f"{report.engine} ({report.backend}, {report.precision}, {report.device}) vs PyTorch "
+                              f"fp32 on {report.samples} images ({report.inputs})"))
         for column in ("figure", "value", "limit", "result"):
             table.add_column(column)
         limits = {"cosine": f">= {t.cosine}", "max_rel": f"<= {t.max_rel}", "top1_agreement": f">= {t.top1:.0%}"}
@@ -488,10 +590,10 @@ def export(
         "--verify/--no-verify", help="Compare onnxruntime (CPU) with PyTorch at batch 1 and 3; exit 1 above 1e-4 relative.")] = True,
     num_classes: NumClassesOption = None,
     config: ConfigOption = None,
-    mean: Annotated[Optional[str], typer.Option(
+    mean: Annotated[Optional[list[str]], typer.Option(
         help="Per-channel mean the images are normalised with, e.g. 0.5,0.5,0.5 (default: the model's, ImageNet's).",
         rich_help_panel="Preprocessing stored in the file")] = None,
-    std: Annotated[Optional[str], typer.Option(
+    std: Annotated[Optional[list[str]], typer.Option(
         help="Per-channel std, e.g. 0.5,0.5,0.5 (default: the model's).", rich_help_panel="Preprocessing stored in the file")] = None,
     interpolation: Annotated[Optional[str], typer.Option(
         help="Resize filter: bicubic, bilinear or nearest (default: the model's).",
@@ -507,6 +609,7 @@ def export(
 
     check_export_args(batch, opset, head)  # usage errors before the weights load
     config = _checked_config(model, config)
+    mean, std = (",".join(_split_list(channels)) if channels else None for channels in (mean, std))
     preprocessing = parse_preprocessing(mean, std, interpolation, crop_pct)
     with err_console.status(f"exporting {model}", spinner="dots") as status:
         report = export_onnx(model, output, weights=weights, img_size=img_size, batch=batch, opset=opset,
@@ -527,7 +630,7 @@ def export(
 def _print_export(report) -> None:
     spec, meta = report.spec, report.metadata
     batch = "batch" if spec.batch == "dynamic" else str(spec.batch)
-    table = Table(title=escape(f"{meta.model} {spec.img_size[0]}x{spec.img_size[1]} -> {report.path}"), show_header=False)
+    table = _table(escape(f"{meta.model} {spec.img_size[0]}x{spec.img_size[1]} -> {report.path}"), show_header=False)
     table.add_column("property", style="bold")
     table.add_column("value")
     table.add_row("opset", str(report.opset))
@@ -550,6 +653,68 @@ def _print_export(report) -> None:
     if report.passed:
         console.print(f"wrote {report.path} ({report.file_bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; next: "
                       f"twins-deploy bench --engine {report.path} --batch 1,8", highlight=False, markup=False)
+
+
+@app.command()
+def serve(
+    model_file: Annotated[Optional[Path], typer.Argument(
+        metavar="[MODEL]", help="An exported .onnx (fp32, fp16 or int8) or an OpenVINO IR .xml; or leave it out and "
+                                "name an engine with --model and --engine.")] = None,
+    model: OptionalModelOption = None,
+    engine: Annotated[Optional[str], typer.Option(
+        "--engine", "-e", help="With --model: an engine name or precision resolved as 'bench --engine' does "
+                               "(onnx, onnx-int8, ov-int8, int8, best, ...), built into the cache on first use.")] = None,
+    weights: WeightsOption = "pretrained",
+    img_size: ImgSizeOption = None,
+    num_classes: NumClassesOption = None,
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="Address the HTTP server listens on; anything but loopback is "
+                                           "reachable by others (a warning says so).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port of the local Ray (Serve's request "
+                                                   "counts, latency histograms, queue lengths).")] = 8080,
+    address: Annotated[Optional[str], typer.Option(
+        help="Deploy into this Ray cluster (auto, host:port, ray://...) instead of starting a local Ray; the app "
+             "is deleted when the command exits.")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs the local Ray offers (default: the machine's).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in URLs (default: the file's model name).")] = None,
+    replicas: Annotated[int, typer.Option(help="Model replicas (fixed).")] = 1,
+    min_replicas: Annotated[Optional[int], typer.Option(help="With --max-replicas: Serve's autoscaling.")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="With --min-replicas: Serve's autoscaling.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Engine threads per replica (default: a local Ray's CPUs "
+                                                        "shared by the replicas; on a cluster, --replica-cpus).")] = None,
+    replica_cpus: Annotated[float, typer.Option(help="Ray CPUs each model replica reserves.")] = 1.0,
+    max_batch: Annotated[int, typer.Option(help="Images per engine call: Serve's dynamic batching gathers "
+                                                "concurrent requests up to this.")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill, in ms.")] = 2.0,
+    max_queued: Annotated[int, typer.Option(help="Requests waiting for a replica; past it: 503 with "
+                                                 "Retry-After.")] = 64,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body; larger: 413, refused from its "
+                                                    "Content-Length.")] = 16.0,
+    top_k: Annotated[int, typer.Option(help="Classes per image in /v1 answers (a request may pass ?top_k=).")] = 5,
+) -> None:
+    """Serve a model over HTTP on Ray Serve: dynamic batching, the Open Inference Protocol (v2, Triton's
+    client works) and /v1 image predictions; replicas that die are replaced and their requests retried.
+    Runs until Ctrl-C or SIGTERM, then answers the requests in flight and exits 0."""
+    from twins_deploy.serving import ServeOptions
+    from twins_deploy.serving.server import Listen, run_server
+
+    options = ServeOptions(name=name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                           threads=threads, replica_cpus=replica_cpus, max_batch=max_batch,
+                           batch_wait_ms=batch_wait_ms, max_queued=max_queued, max_body_mb=max_body_mb, top_k=top_k)
+    if (model_file is None) == (engine is None):
+        raise _usage("pass a model file (.onnx or .xml), or --model NAME with --engine NAME, one of them")
+    if engine is not None:
+        from twins_deploy.engines import open_engine
+
+        runner = open_engine(engine, _source(model, weights, img_size, num_classes, config), threads=threads, log=_log)
+        model_file = getattr(runner, "path", None)
+        if model_file is None:
+            raise _usage(f"serve runs ONNX files and OpenVINO IRs; --engine {engine} resolves to "
+                         f"{type(runner).__name__}: pick onnx, onnx-int8, ov, ov-bf16 or ov-int8")
+    if num_cpus is not None and (num_cpus < 1 or address):
+        raise _usage("--num-cpus sizes the local Ray: a whole number of at least 1, and not with --address")
+    run_server(model_file, options, Listen(host, port, metrics_port), address=address, num_cpus=num_cpus, log=_log)
 
 
 if __name__ == "__main__":  # python -m twins_deploy.cli, as the console script

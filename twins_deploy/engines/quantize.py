@@ -146,7 +146,8 @@ def quantize_int8(fp32_onnx: str | Path, output: str | Path, calibration: np.nda
                     activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded, extra_options=extra)
     start = time.perf_counter()
-    logging.disable(logging.WARNING)  # the quantizer logs advice on the root logger at every call
+    previous_disable = logging.root.manager.disable  # the command line's own setting (twins_deploy.logs)
+    logging.disable(max(previous_disable, logging.WARNING))  # the quantizer logs advice on the root logger at every call
     ort.set_default_logger_severity(3)  # and its calibration sessions warn about every unused initializer
     try:
         with atomic_output(output) as tmp:
@@ -160,7 +161,7 @@ def quantize_int8(fp32_onnx: str | Path, output: str | Path, calibration: np.nda
             _set_props(quantized, {"precision": "int8", "quantization": json.dumps(report)})
             onnx.save(quantized, tmp)
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous_disable)
     return report
 
 
