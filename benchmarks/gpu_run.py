@@ -251,6 +251,12 @@ def bench_modes(run: Run, label: str, factory, precision: str, modes: tuple[str,
     from twins_deploy.engines.bench import bench
 
     plan = run.plan
+    if "compile" in modes:
+        import torch
+
+        # every model and precision compiles the same forward: without a reset its cache entries pile
+        # up, and past torch's recompile limit a "compiled" engine would quietly run eager
+        torch._dynamo.reset()
     engines = {mode: runner(factory, plan, precision, mode) for mode in modes}
     broken: dict[str, str] = {}
 
@@ -290,6 +296,9 @@ def bench_modes(run: Run, label: str, factory, precision: str, modes: tuple[str,
 
     try:
         for index, batch in enumerate(plan.batches):
+            if "compile" in broken:  # eager alone was measured in the first phase
+                run.record["bench"].append(bench_row("compile", batch, "skipped", f"failed earlier: {broken['compile']}"))
+                continue
             estimate = len(modes) * (plan.bench_seconds + 2.0)
             if "compile" in modes and index < 2:  # a compile, then a recompile with a dynamic batch
                 estimate += FIRST_COMPILE_S
