@@ -176,7 +176,7 @@ def describe_machine() -> dict:
     except OSError:
         pass
     libraries = {"twins-deploy": __version__}
-    for package in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt"):
+    for package in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "onnx", "numpy", "tensorrt"):
         try:
             libraries[package] = version(package)
         except PackageNotFoundError:
