@@ -224,11 +224,21 @@ def test_bench_engines_and_batches_take_both_spellings(tiny, tmp_path):
                                                                         ("onnx", 2)])
 
 
-def test_export_mean_and_std_take_both_spellings():
-    """Repeated values are joined before they are checked (the check runs before any weights load)."""
-    result = runner.invoke(app, ["export", "-m", "svt-s", "--mean", "0.5", "--mean", "0.5,0.4", "--std", "0.2",
-                                 "--std", "0.2"])
-    assert result.exit_code == 2 and "--std takes three" in result.output and "'0.2,0.2'" in result.output
+def test_export_mean_and_std_take_both_spellings_and_print_a_light_table(tmp_path):
+    """svt-s's family with the tiny configuration: a real export in seconds."""
+    from twins_deploy.engines.artifacts import onnx_metadata
+    from twins_deploy.models import config_dict
+
+    (tmp_path / "tiny.json").write_text(json.dumps(config_dict(tiny_config("tiny-svt"))))
+    result = runner.invoke(app, ["export", "-m", "svt-s", "--config", str(tmp_path / "tiny.json"), "--weights",
+                                 str(tiny_weights("tiny-svt")), "--mean", "0.5", "--mean", "0.5,0.5", "--std",
+                                 "0.25,0.25,0.25", "-o", str(tmp_path / "t.onnx")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    meta = onnx_metadata(tmp_path / "t.onnx")
+    assert (meta.mean, meta.std) == ((0.5,) * 3, (0.25,) * 3)
+    _assert_light_table(result.stdout.split("\nwrote ")[0], header=False)  # the table, then the last line with what to run next
+    result = runner.invoke(app, ["export", "-m", "svt-s", "--mean", "0.5", "--mean", "0.5"])  # joined, then checked
+    assert result.exit_code == 2 and "--mean takes three" in result.output and "'0.5,0.5'" in result.output
 
 
 # 5. one table style ------------------------------------------------------------------------------
@@ -236,8 +246,8 @@ def test_export_mean_and_std_take_both_spellings():
 HEAVY_OR_BOXED = set("┏┓┗┛┃━│┌┐└┘╭╮╰╯")
 
 
-def _assert_light_table(output: str) -> None:
-    assert "─" in output, output  # the light rule under the header
+def _assert_light_table(output: str, header: bool = True) -> None:
+    assert ("─" in output) == header, output  # the light rule under the header
     assert not HEAVY_OR_BOXED & set(output), output
     assert max(map(len, output.splitlines())) <= 80, output
 
