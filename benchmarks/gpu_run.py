@@ -1,7 +1,7 @@
 """The GPU path in one run inside a time budget: verify, bench and export svt-s and pcpvt-s on torch CUDA.
 
     benchmarks/gpu_run.sh                           # on the GPU machine: installs offline, then runs this
-    DRY_RUN=1 OUT=/tmp/run benchmarks/gpu_run.sh    # the same steps on the CPU: tiny models, one batch size
+    DRY_RUN=1 OUT=/tmp/run benchmarks/gpu_run.sh    # the same steps on the CPU: a tiny model, one batch size
 
 Steps, cheapest first, so that a short budget still leaves figures for both models (seeded random weights):
 
@@ -15,8 +15,9 @@ Steps, cheapest first, so that a short budget still leaves figures for both mode
    a compile takes tens of seconds, so these are the steps the clock skips.
 
 fp32 is IEEE fp32: TF32 is turned off for matmuls and convolutions. Before each step the clock is read:
-a step that would not end before the deadline is skipped and the report says so; a step that fails (a
-package that cannot load, a CUDA error) is recorded with its error and the run goes on. gpu-run.json and
+a step that would not end before the deadline is skipped and the report says so, and an alarm stops a
+step still running GRACE_S after it; a step that fails (a package that cannot load, a CUDA error) is
+recorded with its error and the run goes on. gpu-run.json and
 gpu-run.md are rewritten after every step, so a run cut short still leaves what it measured. Exit 1 when
 a step failed.
 """
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -71,7 +72,7 @@ class Plan:
 
 
 def gpu_plan() -> Plan:
-    return Plan("cuda", {name: (name, None) for name in MODELS}, BATCHES, bench_seconds=1.0, rounds=3, warmup=3,
+    return Plan("cuda", {name: (name, None) for name in MODELS}, BATCHES, bench_seconds=0.75, rounds=3, warmup=3,
                 compile_backend="inductor", verify_samples=32)
 
 
@@ -200,7 +201,10 @@ def free_device() -> None:
 
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a CUDA error left the context unusable: the next step records it
+            pass
 
 
 def runner(factory, plan: Plan, precision: str, mode: str, device: str | None = None):
@@ -297,7 +301,8 @@ def bench_modes(run: Run, label: str, factory, precision: str, modes: tuple[str,
     try:
         for index, batch in enumerate(plan.batches):
             if "compile" in broken:  # eager alone was measured in the first phase
-                run.record["bench"].append(bench_row("compile", batch, "skipped", f"failed earlier: {broken['compile']}"))
+                note = f"failed earlier: {broken['compile']}"
+                run.record["bench"].append(bench_row("compile", batch, "skipped", note))
                 continue
             estimate = len(modes) * (plan.bench_seconds + 2.0)
             if "compile" in modes and index < 2:  # a compile, then a recompile with a dynamic batch
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-run.json and gpu-run.md")
     parser.add_argument("--budget-s", type=float, default=420.0, help="the whole run's time, from --started")
     parser.add_argument("--started", type=float, default=None, help="when the run began (epoch s; default now)")
-    parser.add_argument("--dry-run", action="store_true", help="the CPU stand-in: tiny models, one batch size")
+    parser.add_argument("--dry-run", action="store_true", help="the CPU stand-in: a tiny model, one batch size")
     parser.add_argument("--install", default="not run", help="what the install step did, for the report")
     args = parser.parse_args(argv)
 
@@ -388,8 +393,10 @@ def run_steps(run: Run) -> None:
 
     factories = {}
     for label, (name, config) in plan.models.items():
-        status, model = run.step(f"build {label} (seeded random weights)",
-                                 lambda name=name, config=config: create_model(name, weights="random", config=config), 30)
+        def build(name=name, config=config):
+            return create_model(name, weights="random", config=config)
+
+        status, model = run.step(f"build {label} (seeded random weights)", build, 30)
         if status == "ok":
             factories[label] = lambda model=model: copy.deepcopy(model)  # each engine moves its own copy
     for label, factory in factories.items():
@@ -455,8 +462,9 @@ def render_markdown(record: dict) -> str:
               f"{record['settings']['rounds']} interleaved rounds, torch.compile backend "
               f"{record['settings']['compile_backend']}, TF32 off, seeded random weights"]
     for model, (rate, row) in fastest(record["bench"]).items():
-        lines.append(f"- fastest {model}: **{rate:,.0f} img/s** ({'device time' if row['gpu_compute_ms_p50'] else 'end to end'}"
-                     f", {row['precision']} {row['mode']}, batch {row['batch']})")
+        timed = "device time" if row["gpu_compute_ms_p50"] else "end to end"
+        lines.append(f"- fastest {model}: **{rate:,.0f} img/s** ({timed}, {row['precision']} {row['mode']}, "
+                     f"batch {row['batch']})")
     lines.append("")
     lines += ["## Packages", "", "| package | version or error |", "|---|---|"]
     for name, found in record["packages"].items():
@@ -481,8 +489,8 @@ def render_markdown(record: dict) -> str:
         if row["phase"] == "compile" and row["mode"] == "eager":  # the reference of the compile ratios
             continue
         if row["status"] != "ok":
-            lines.append(f"| {row['model']} | {row['precision']} | {row['mode']} | {row['batch']} | - | - | - | - | - | "
-                         f"- | {row['status']}: {row['note']} |")
+            lines.append(f"| {row['model']} | {row['precision']} | {row['mode']} | {row['batch']} | "
+                         f"- | - | - | - | - | - | {row['status']}: {row['note']} |")
             continue
         ratio = ("-" if row["speedup_vs_first"] is None or row["mode"] == "eager" else
                  f"{row['speedup_vs_first']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})")

@@ -51,8 +51,8 @@ def test_the_dry_run_runs_every_step(full):
     assert record["settings"]["device"] == "cpu" and record["settings"]["batches"] == [1]
     assert [step["status"] for step in record["steps"]] == ["ok"] * len(record["steps"])
     names = [step["step"] for step in record["steps"]]
-    for expected in ("describe the machine", "verify tiny-svt: fp16 cpu vs fp32 cpu", "export tiny-svt to ONNX and verify it",
-                     "bench tiny-svt bf16 eager + compile, batch 1"):
+    for expected in ("describe the machine", "verify tiny-svt: fp16 cpu vs fp32 cpu",
+                     "export tiny-svt to ONNX and verify it", "bench tiny-svt bf16 eager + compile, batch 1"):
         assert expected in names
     assert record["machine"]["libraries"]["torch"] == __import__("torch").__version__
     for found in record["packages"].values():  # every package has a version or the error its import raised

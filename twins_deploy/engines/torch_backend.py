@@ -28,7 +28,8 @@ class TorchRunner(Runner):
         if cuda_graph and compile:
             raise UsageError("use compile or cuda_graph, not both")
         self._source, self.device, self.precision = model, device, precision
-        self.compile, self.compile_backend, self.cuda_graph, self.threads = compile, compile_backend, cuda_graph, threads
+        self.compile, self.compile_backend, self.cuda_graph = compile, compile_backend, cuda_graph
+        self.threads = threads
         self.name = name or ("torch" if precision == "fp32" else f"torch-{precision}")
 
     def _activate(self) -> None:
