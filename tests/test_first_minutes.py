@@ -236,7 +236,7 @@ def test_export_mean_and_std_take_both_spellings_and_print_a_light_table(tmp_pat
     assert result.exit_code == 0, result.output
     meta = onnx_metadata(tmp_path / "t.onnx")
     assert (meta.mean, meta.std) == ((0.5,) * 3, (0.25,) * 3)
-    _assert_light_table(result.stdout.split("\nwrote ")[0], header=False)  # the table, then the last line with what to run next
+    _assert_light_table(result.stdout.split("\nwrote ")[0], header=False)  # the table, then what to run next
     result = runner.invoke(app, ["export", "-m", "svt-s", "--mean", "0.5", "--mean", "0.5"])  # joined, then checked
     assert result.exit_code == 2 and "--mean takes three" in result.output and "'0.5,0.5'" in result.output
 
