@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from twins_deploy.models import TwinsConfig
 
@@ -27,3 +28,13 @@ def tiny_weights(name: str, layout: str = "safetensors") -> Path:
 def golden(name: str) -> dict[str, np.ndarray]:
     with np.load(DATA / f"{name}.npz") as arrays:
         return dict(arrays)
+
+
+@pytest.fixture(scope="session")
+def tiny_svt_onnx(tmp_path_factory) -> Path:
+    """The tiny golden SVT exported once per test session (dynamic batch, 10 classes)."""
+    from twins_deploy.exporters import export_onnx
+    from twins_deploy.models import create_model
+
+    model = create_model(tiny_config("tiny-svt"), weights=tiny_weights("tiny-svt"))
+    return export_onnx(model, tmp_path_factory.mktemp("tiny-svt") / "tiny-svt.onnx").path

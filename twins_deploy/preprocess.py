@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,17 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Im
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+class ImageTooLarge(TwinsDeployError):
+    """An image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``): likely a decompression bomb."""
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Refuse an image over Pillow's pixel limit before it is decoded (Pillow only warns below twice it)."""
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"image {name} is {width}x{height}: more than the {Image.MAX_IMAGE_PIXELS:,} pixels "
+                            "an image may have")
+
+
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     """An RGB image from a path, encoded bytes or a PIL image, upright per its EXIF orientation."""
     if isinstance(source, Image.Image):
@@ -27,13 +39,23 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     else:
         name = "bytes" if isinstance(source, (bytes, bytearray)) else str(source)
         try:
-            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            with warnings.catch_warnings():  # Pillow warns over the limit; check_pixels refuses instead
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            check_pixels(image.width, image.height, name)  # from the header, before decoding a bomb
             image.load()
         except FileNotFoundError:
             raise TwinsDeployError(f"image not found: {name}") from None
+        except TwinsDeployError:
+            raise
+        except Image.DecompressionBombError:
+            raise ImageTooLarge(f"image {name} has more than {Image.MAX_IMAGE_PIXELS:,} pixels") from None
         except Exception as exc:
             raise TwinsDeployError(f"cannot decode image {name}: {exc}") from None
     image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey: Pillow's convert would clip at 255
+        high_byte = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8  # as Pillow reads 16-bit RGB
+        image = Image.fromarray(high_byte.astype(np.uint8), "L")
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))

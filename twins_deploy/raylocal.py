@@ -1,0 +1,74 @@
+"""Ray for one command: a private local Ray on the loopback interface, or an existing cluster.
+
+``_node_ip_address="127.0.0.1"`` alone is not enough: Ray's workers would still bind every interface
+and talk over the host's address. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the environment before
+``ray.init`` makes every Ray socket of a local cluster listen on 127.0.0.1 (checked with ``ss``).
+Token authentication is left as Ray sets it (on by default for local clusters since Ray 2.59).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from twins_deploy.errors import UsageError
+
+LOOPBACK = "127.0.0.1"
+
+
+def require_ray(extra: str, local: bool = False):
+    """``ray``, or a one-line error naming the extra that installs it. ``local``: for a private local Ray,
+    whose processes (and this driver: Ray reads the variable when it is imported) must stay on loopback."""
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(f"Ray is not installed: pip install 'twins-deploy[{extra}]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, extra: str = "serve",
+                **init_kwargs) -> Iterator[object]:
+    """Connected to ``address`` (``auto``, ``host:port``, ``ray://...``), or to a private local Ray on
+    127.0.0.1 with no dashboard and ``num_cpus`` CPUs (default: the machine's), shut down at the end."""
+    ray = require_ray(extra, local=not address)
+    if address:
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, **init_kwargs)
+        except Exception as exc:
+            raise UsageError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+    else:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # what the variable sets, should Ray have been imported before it
+        # address="local": a new instance, never one RAY_ADDRESS or /tmp/ray/ray_current_cluster names
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, _node_ip_address=LOOPBACK,
+                 include_dashboard=False, logging_level="ERROR", log_to_driver=False, **init_kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def keep_replica_on_loopback() -> None:
+    """In a replica of a loopback-only local Ray, bind Serve's inter-deployment gRPC server to 127.0.0.1.
+
+    Serve 2.60 binds it to ``[::]:0`` whatever the node's address; replicas advertise it at the node's
+    address, 127.0.0.1 here, so nothing else changes. Called from the deployments' constructors, which
+    run before Serve starts that server; a cluster's replicas (the variable unset) are left alone.
+    """
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "loopback_only", False):
+        return
+
+    def bind_loopback(server, address: str):
+        return bind(server, address.replace("[::]", LOOPBACK, 1))
+
+    bind_loopback.loopback_only = True
+    replica.add_port_to_grpc_server = bind_loopback

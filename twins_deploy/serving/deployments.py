@@ -1,0 +1,241 @@
+"""The two Serve deployments: an HTTP ingress (FastAPI, no model) and the model, composed by a handle.
+
+The ingress reads and bounds bodies, decodes and preprocesses images with the file's own metadata,
+speaks our ``/v1`` JSON and the Open Inference Protocol (``/v2``, Triton's binary tensors included),
+and retries a call whose model replica died on another replica. The model deployment only runs float
+batches: ``@serve.batch`` gathers concurrent requests into one engine call, made on a worker thread
+so the replica's event loop keeps taking requests.
+"""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from twins_deploy.raylocal import keep_replica_on_loopback
+from twins_deploy.serving import protocol
+from twins_deploy.serving.bodies import BadRequest, images_from_body, preprocess_images, read_body
+from twins_deploy.serving.model_file import ModelFile, ServedModel
+from twins_deploy.serving.options import MAX_IMAGES_PER_REQUEST, ServeOptions
+
+MODEL_VERSION = "1"
+RETRY_SECONDS = 30.0  # how long the ingress keeps retrying a request whose replica died
+RETRY_PAUSE_SECONDS = 0.2
+REPLICA_HEADER = "twins-deploy-replica"  # which model replica answered: for logs and for tracing a failover
+
+
+@serve.deployment(name="model", health_check_period_s=2.0, health_check_timeout_s=10.0)
+class TwinsModel:
+    """One engine (onnxruntime or OpenVINO, ``threads`` threads) behind Serve's dynamic batching."""
+
+    def __init__(self, model: ModelFile, options: ServeOptions):
+        keep_replica_on_loopback()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id  # answered in a response header
+        self.predictor = model.predictor(threads=options.engine_threads)
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
+        self.run_batch.set_max_batch_size(options.max_batch)
+        self.run_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
+
+    def ready(self) -> bool:
+        """Answers once the engine is loaded: the ingress's readiness probe, without an inference."""
+        return True
+
+    async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
+        """The model's output rows for a preprocessed (N, 3, H, W) batch, and which replica ran them."""
+        return await self.run_batch(batch), self.replica_id
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)  # both set from ServeOptions in __init__
+    async def run_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        sizes = np.cumsum([len(batch) for batch in batches])[:-1]
+        joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        outputs = await asyncio.get_running_loop().run_in_executor(self._engine_thread, self.predictor.run, joined)
+        return np.split(outputs, sizes)
+
+
+api = FastAPI(title="twins-deploy", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class _Traffic:
+    """Requests this ingress process is answering, and whether it is draining (refusing new ones) for a stop."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+
+
+_traffic = _Traffic()
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    if _traffic.draining:
+        return JSONResponse({"error": "the server is shutting down"}, status_code=503,
+                            headers={"Retry-After": "5", "Connection": "close"})
+    _traffic.in_flight += 1
+    try:
+        return await call_next(request)
+    finally:
+        _traffic.in_flight -= 1
+
+
+async def _drain(timeout_s: float) -> int:
+    """Module-level, like ``_traffic``'s other users: Serve ships the ingress class by value, and a method
+    naming ``_traffic`` itself would carry a copy of it."""
+    _traffic.draining = True
+    deadline = time.monotonic() + timeout_s
+    while _traffic.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return _traffic.in_flight
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(protocol.ProtocolError)
+async def _protocol_error(request: Request, exc: protocol.ProtocolError) -> JSONResponse:
+    return JSONResponse(exc.as_dict(), status_code=exc.status)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown route, wrong method
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+@serve.deployment(name="ingress", max_ongoing_requests=1024)
+@serve.ingress(api)
+class Ingress:
+    """HTTP in front of the model deployment: ``/v1`` (images in, classes out) and ``/v2`` (tensors)."""
+
+    def __init__(self, model, served: ServedModel, options: ServeOptions):
+        keep_replica_on_loopback()
+        self.model = model
+        self.served = served
+        self.options = options
+
+    # --- /v1: encoded images in, classes (or embeddings) out ------------------------------------
+
+    @api.post("/v1/models/{name}/predict")
+    async def predict(self, name: str, request: Request, top_k: int | None = None) -> JSONResponse:
+        """One encoded image as the body, or a multipart form of ``file`` parts."""
+        started = time.perf_counter()
+        self._check_name(name)
+        k = self._top_k(top_k)
+        body = await read_body(request.headers, request.stream(), self.options.max_body_bytes)
+        images = images_from_body(body, request.headers.get("content-type"))
+        batch = await asyncio.to_thread(preprocess_images, images, self.served.metadata)
+        outputs, replica = await self._infer(batch)
+        answer: dict = {"model": self.served.name}
+        if self.served.metadata.output == "logits":
+            from twins_deploy.preprocess import top_k as top_classes
+
+            rows = top_classes(outputs, self.served.metadata.class_names, k)
+            answer["predictions"] = [{"class_ids": [c["class_id"] for c in row], "names": [c["name"] for c in row],
+                                      "probs": [c["prob"] for c in row]} for row in rows]
+        else:
+            answer["embeddings"] = outputs.tolist()
+        answer["server_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return JSONResponse(answer, headers={REPLICA_HEADER: replica})
+
+    # --- /v2: the Open Inference Protocol (KServe v2, Triton's HTTP API) ------------------------
+
+    @api.get("/v2")
+    async def server_metadata(self) -> JSONResponse:
+        return JSONResponse(protocol.server_metadata())
+
+    @api.get("/v2/health/live")
+    async def live(self) -> Response:
+        return Response(status_code=200)
+
+    @api.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        return Response(status_code=200 if await self._model_ready() else 503)
+
+    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(self, name: str, version: str = MODEL_VERSION) -> JSONResponse:
+        self._check_name(name, version)
+        served = self.served
+        return JSONResponse(protocol.model_metadata(served.name, [MODEL_VERSION], served.platform, served.input_name,
+                                                    served.image_shape, {served.output_name: [served.output_dim]}))
+
+    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(self, name: str, version: str = MODEL_VERSION) -> Response:
+        self._check_name(name, version)
+        return Response(status_code=200 if await self._model_ready() else 503)
+
+    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(self, name: str, request: Request, version: str = MODEL_VERSION) -> Response:
+        self._check_name(name, version)
+        body = await read_body(request.headers, request.stream(), self.options.max_body_bytes)
+        parsed = protocol.parse_infer_request(
+            body, request.headers.get(protocol.HEADER_LENGTH), input_name=self.served.input_name,
+            image_shape=self.served.image_shape, output_names=(self.served.output_name,),
+            max_batch=MAX_IMAGES_PER_REQUEST)
+        outputs, replica = await self._infer(parsed.batch)
+        content, headers = protocol.encode_infer_response(self.served.name, MODEL_VERSION, parsed,
+                                                          {self.served.output_name: outputs},
+                                                          self.served.metadata.class_names)
+        return Response(content, headers={**headers, REPLICA_HEADER: replica})
+
+    async def drain(self, timeout_s: float = 60.0) -> int:
+        """Refuse new requests (503) and wait until those in flight are answered, ``timeout_s`` at most;
+        returns how many were still running then. The server calls it before deleting the app."""
+        return await _drain(timeout_s)
+
+    # --- shared --------------------------------------------------------------------------------
+
+    def _check_name(self, name: str, version: str = MODEL_VERSION) -> None:
+        if name != self.served.name:
+            raise BadRequest(404, f"unknown model {name!r}; this server serves {self.served.name!r}")
+        if version != MODEL_VERSION:
+            raise BadRequest(404, f"model {name!r} has no version {version!r}; it has version {MODEL_VERSION}")
+
+    def _top_k(self, top_k: int | None) -> int:
+        k = self.options.top_k if top_k is None else top_k
+        if not 1 <= k <= max(1, self.served.output_dim):
+            raise BadRequest(400, f"top_k must be from 1 to {self.served.output_dim}, got {k}")
+        return k
+
+    async def _model_ready(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.model.ready.remote(), timeout=10)
+        except Exception:
+            return False
+
+    async def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
+        """The model's outputs and the replica that ran them. A call whose replica died is sent again
+        (to a live replica) until ``RETRY_SECONDS`` have passed. A full queue is 503 with ``Retry-After``."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        deadline = time.monotonic() + RETRY_SECONDS
+        while True:
+            try:
+                return await self.model.infer.remote(batch)
+            except BackPressureError:
+                raise BadRequest(503, f"the model's queue is full ({self.options.max_queued} requests waiting); "
+                                      "retry shortly", headers={"Retry-After": "1"}) from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
+                if time.monotonic() > deadline:
+                    raise BadRequest(503, "no model replica answered: they died or are restarting; retry shortly",
+                                     headers={"Retry-After": "5"}) from None
+                await asyncio.sleep(RETRY_PAUSE_SECONDS)
+
+
+def application(model: ModelFile, served: ServedModel, options: ServeOptions):
+    """The ingress bound to the model deployment, scaled and queued as ``options`` say."""
+    scaling = ({"autoscaling_config": options.autoscaling_config()} if options.min_replicas is not None
+               else {"num_replicas": options.replicas})
+    engine = TwinsModel.options(
+        max_ongoing_requests=2 * options.max_batch, max_queued_requests=options.max_queued,
+        ray_actor_options={"num_cpus": options.replica_cpus}, **scaling).bind(model, options)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(engine, served, options)
