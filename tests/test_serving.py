@@ -95,6 +95,8 @@ def test_tritonclient_http_infer(server, predictor, binary):
     logits = triton.InferRequestedOutput("logits", binary_data=binary)
     result = client.infer("custom", [pixels], outputs=[logits])
     np.testing.assert_allclose(result.as_numpy("logits"), predictor.run(batch), atol=1e-5)
+    gzipped = client.infer("custom", [pixels], outputs=[logits], request_compression_algorithm="gzip")
+    np.testing.assert_allclose(gzipped.as_numpy("logits"), result.as_numpy("logits"), atol=1e-6)
     top2 = client.infer("custom", [pixels], outputs=[triton.InferRequestedOutput("logits", binary_data=binary,
                                                                                   class_count=2)])
     best = [int(_text(row[0]).split(":")[1]) for row in top2.as_numpy("logits")]  # "score:index:name"

@@ -6,6 +6,7 @@ with the HTTP status it deserves and one line that names the problem.
 """
 from __future__ import annotations
 
+import zlib
 from typing import AsyncIterator
 
 import numpy as np
@@ -25,8 +26,8 @@ class BadRequest(Exception):
 
 
 async def read_body(headers, stream: AsyncIterator[bytes], limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to exceed ``limit``: from Content-Length before
-    reading anything, else while streaming (chunked uploads)."""
+    """The whole body, decompressed, or 413 as soon as it is known to exceed ``limit``: from Content-Length
+    before reading anything, else while streaming (chunked uploads)."""
     declared = headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -40,7 +41,26 @@ async def read_body(headers, stream: AsyncIterator[bytes], limit: int) -> bytes:
         if size > limit:
             raise BadRequest(413, f"the body is over {limit:,} bytes, the most this server takes (--max-body-mb)")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return decoded_body(b"".join(chunks), headers.get("content-encoding"), limit)
+
+
+def decoded_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body without its Content-Encoding (gzip or deflate, as tritonclient may send), bounded by ``limit``
+    after decompression too."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(400, f"Content-Encoding {encoding[:20]!r} is not accepted: send gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(400, f"the {encoding} body does not decompress: {exc}") from None
+    if len(data) > limit:
+        raise BadRequest(413, f"the body decompresses to over {limit:,} bytes, the most this server takes "
+                              "(--max-body-mb)")
+    return data
 
 
 def images_from_body(body: bytes, content_type: str | None) -> list[bytes]:
