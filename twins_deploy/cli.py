@@ -1,11 +1,15 @@
 """The ``twins-deploy`` command line: a thin layer over the Python API.
 
 Every user-facing failure is a ``TwinsDeployError``: it is printed as one line on stderr and the
-command exits with its code (1 failure, 2 usage), never with a traceback.
+command exits with its code (1 failure, 2 usage), never with a traceback. Any other exception a library
+raises on the user's input is one line too, naming the command and what was typed (``--verbose`` adds
+the traceback).
 """
 from __future__ import annotations
 
 import json
+import shlex
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from twins_deploy import __version__
 from twins_deploy.errors import TwinsDeployError
@@ -29,19 +34,61 @@ PIPELINE_ORDER = ("models", "export", "verify", "build", "bench", "infer", "serv
 
 
 class _Group(TyperGroup):
-    """Lists the commands in pipeline order; turns ``TwinsDeployError`` into one line on stderr and its exit code."""
+    """Lists the commands in pipeline order; turns ``TwinsDeployError`` into one line on stderr and its exit code,
+    and so any other exception a library raises on the user's input (the traceback only with ``--verbose``)."""
 
     def list_commands(self, ctx):
         unplaced = len(PIPELINE_ORDER)  # sorted() is stable: those keep their registration order
         return sorted(super().list_commands(ctx),
                       key=lambda name: PIPELINE_ORDER.index(name) if name in PIPELINE_ORDER else unplaced)
 
+    def parse_args(self, ctx, args):
+        """``--verbose``/``-v`` typed after the command (``twins-deploy export ... --verbose``) moves in front of it,
+        where the option lives; the command's own arguments are kept to name the input in errors."""
+        end = args.index("--") if "--" in args else len(args)
+        command = next((i for i, arg in enumerate(args[:end]) if not arg.startswith("-")), end)  # the group has flags only
+        if command < end:
+            typed = [arg for arg in args[command + 1:end] if arg not in VERBOSE_FLAGS]
+            verbose = ["--verbose"] if len(typed) < end - command - 1 else []
+            ctx.meta[_ARGUMENTS] = typed + args[end:]
+            args = verbose + args[:command + 1] + typed + args[end:]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except TwinsDeployError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+            _error(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except Exception as exc:
+            raise typer.Exit(_unexpected(ctx, exc)) from None
+
+
+VERBOSE_FLAGS = ("--verbose", "-v")
+OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "failed to allocate")
+_ARGUMENTS = "twins_deploy.arguments"
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+
+
+def _unexpected(ctx, exc: Exception) -> int:
+    """One line for an exception no check foresaw: the command, what was typed, the library's first line; the
+    traceback before it with ``--verbose``. Exit 2 when it ran out of memory (the input is too big), else 1."""
+    if settings.verbose:
+        traceback.print_exception(exc)
+    typed = " ".join(shlex.quote(arg) for arg in ctx.meta.get(_ARGUMENTS, [])) or "its defaults"
+    typed = typed if len(typed) <= 200 else typed[:197] + "..."
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    memory = isinstance(exc, MemoryError) or any(words in first_line.lower() for words in OUT_OF_MEMORY)
+    advice = "; it needs more memory than this machine has: use a smaller size, batch or configuration" * memory
+    more = "" if settings.verbose else " (--verbose shows the traceback)"
+    _error(f"{ctx.invoked_subcommand or 'the command'} failed on {typed}: {type(exc).__name__}: {first_line}"
+           f"{advice}{more}")
+    return 2 if memory else 1
 
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -55,7 +102,8 @@ WeightsOption = Annotated[str, typer.Option(
 ImgSizeOption = Annotated[Optional[str], typer.Option(
     "--img-size", help="Input size, 224 or HxW (Twins: multiples of 32). Default: the model's own.")]
 NumClassesOption = Annotated[Optional[int], typer.Option(
-    help="Build the head for this many classes, to load a fine-tuned checkpoint with its own head.")]
+    help="Build the head for this many classes, to load a fine-tuned checkpoint with its own head. "
+         "0 (Twins models only) builds no head: the logits are the pooled embedding.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of a table.")]
 ConfigOption = Annotated[Optional[Path], typer.Option(
     "--config", help="JSON/YAML file of the model class's constructor arguments (top level or under \"config\"); "
