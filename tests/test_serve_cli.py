@@ -2,6 +2,7 @@
 starts, a full queue (503 + Retry-After), and Ctrl-C with requests in flight (one server on 127.0.0.1)."""
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -9,10 +10,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import tiny_config, tiny_weights
 from servers import HOST, leftovers, start_server, stop_server
 from test_serving import JPEGS
 from twins_deploy.cli import app as cli
@@ -71,14 +74,41 @@ def test_usage_errors_are_one_line_before_ray_starts(tiny_svt_onnx, tmp_path, mo
     assert len(lines) == 1 and words in lines[0], result.output
 
 
+def test_only_loopback_hosts_pass_without_a_warning():
+    from twins_deploy.serving.server import is_loopback
+
+    assert all(is_loopback(host) for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "10.1.2.3", "example.com"))
+
+
 @pytest.fixture(scope="module")
-def small_server(tiny_svt_onnx, tmp_path_factory):
-    """One replica taking one image at a time, one request queued: easy to fill."""
-    server = start_server(tiny_svt_onnx, tmp_path_factory.mktemp("serve-cli"), "--replicas", "1", "--threads", "1",
+def embedding_onnx(tmp_path_factory) -> Path:
+    from twins_deploy.exporters import export_onnx
+    from twins_deploy.models import create_model
+
+    model = create_model(tiny_config("tiny-svt"), weights=tiny_weights("tiny-svt"))
+    return export_onnx(model, tmp_path_factory.mktemp("embedding") / "tiny-embedding.onnx", head="embedding").path
+
+
+@pytest.fixture(scope="module")
+def small_server(embedding_onnx, tmp_path_factory):
+    """An embedding export; one replica taking one request at a time, one request queued: easy to fill."""
+    server = start_server(embedding_onnx, tmp_path_factory.mktemp("serve-cli"), "--replicas", "1", "--threads", "1",
                           "--max-batch", "1", "--max-queued", "1", "--num-cpus", "2", "--name", "tiny")
     server.name = "tiny"
     yield server
     stop_server(server)
+
+
+def test_an_embedding_export_answers_vectors_equal_to_the_predictor(small_server, embedding_onnx):
+    from twins_deploy.runtime import Predictor
+
+    status, _, answer = small_server.predict(_form(JPEGS[:2]), "multipart/form-data; boundary=b")
+    assert status == 200 and "predictions" not in answer, answer
+    expected = Predictor(embedding_onnx, providers=["cpu"], threads=1).embed(JPEGS[:2])
+    np.testing.assert_allclose(answer["embeddings"], expected, atol=1e-5)
+    status, _, body = small_server.request("/v2/models/tiny")
+    assert json.loads(body)["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, expected.shape[1]]}]
 
 
 def test_a_full_queue_is_503_with_retry_after_and_the_server_keeps_serving(small_server):

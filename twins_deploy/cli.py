@@ -741,9 +741,12 @@ def serve(
                                                     "Content-Length.")] = 16.0,
     top_k: Annotated[int, typer.Option(help="Classes per image in /v1 answers (a request may pass ?top_k=).")] = 5,
 ) -> None:
-    """Serve a model over HTTP on Ray Serve: dynamic batching, the Open Inference Protocol (v2, Triton's
-    client works) and /v1 image predictions; replicas that die are replaced and their requests retried.
-    Runs until Ctrl-C or SIGTERM, then answers the requests in flight and exits 0."""
+    """Serve a model over HTTP on Ray Serve, with dynamic batching and Triton's v2 protocol.
+
+    /v1 takes encoded images, /v2 is the Open Inference Protocol (tritonclient works); a request whose
+    replica dies is retried on another. Runs until Ctrl-C or SIGTERM, then answers the requests in flight
+    and exits 0.
+    """
     from twins_deploy.serving import ServeOptions
     from twins_deploy.serving.server import Listen, run_server
 
