@@ -132,7 +132,7 @@ def test_outputs_are_jsonl_or_csv_written_whole(tmp_path):
     assert [(r["input"], r["rank"], r["name"], r["error"]) for r in rows] == [
         ("a.jpg", "1", "cat", ""), ("a.jpg", "2", "dog", ""), ("b.jpg", "", "", "cannot decode image b.jpg")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.jsonl"]  # no temporary files left
-    with pytest.raises(UsageError, match=".jsonl or .csv"):
+    with pytest.raises(UsageError, match=r".jsonl, .csv or .parquet"):
         check_output(tmp_path / "p.txt")
 
 
@@ -155,7 +155,7 @@ def test_infer_command_table_and_clean_exit(photos, tiny_onnx):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--output", "preds.txt"], ".jsonl or .csv"),
+    (["--output", "preds.txt"], ".jsonl, .csv or .parquet"),
     (["--topk", "0"], "at least 1"),
 ])
 def test_infer_command_usage_errors(photos, tiny_onnx, args, message):

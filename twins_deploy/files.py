@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -84,3 +85,33 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """``atomic_output`` for a folder of files (Parquet parts): a temporary folder next to ``path``,
+    its files fsynced and given ordinary modes, then renamed into place only if the block succeeds.
+    An earlier folder at ``path`` is moved aside first and deleted after (two renames, not one:
+    a crash between them leaves it as a hidden ``.<name>.old`` folder beside, never half-written)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the folder for {path}: {exc.strerror}") from None
+    with cleanup_on_sigterm():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        old = tmp.with_name(f".{path.name}.old")
+        try:
+            yield tmp
+            for file in tmp.iterdir():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.chmod(file, output_mode(path / file.name))
+            os.chmod(tmp, output_mode(path, directory=True))
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
