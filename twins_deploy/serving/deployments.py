@@ -29,6 +29,11 @@ RETRY_PAUSE_SECONDS = 0.2
 REPLICA_HEADER = "twins-deploy-replica"  # which model replica answered: for logs and for tracing a failover
 
 
+def _images(batches: list[np.ndarray]) -> int:
+    """How many images a list of batches holds: what ``--max-batch`` counts."""
+    return sum(len(batch) for batch in batches)
+
+
 @serve.deployment(name="model", health_check_period_s=2.0, health_check_timeout_s=10.0)
 class TwinsModel:
     """One engine (onnxruntime or OpenVINO, ``threads`` threads) behind Serve's dynamic batching."""
@@ -38,18 +43,26 @@ class TwinsModel:
         self.replica_id = serve.get_replica_context().replica_id.unique_id  # answered in a response header
         self.predictor = model.predictor(threads=options.engine_threads)
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
+        self.max_batch = options.max_batch
         self.run_batch.set_max_batch_size(options.max_batch)
         self.run_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
+        for size in range(1, options.max_batch + 1):  # before the replica takes traffic: an OpenVINO IR compiles
+            self.predictor.run(np.zeros((size, *self.predictor.input_shape), np.float32))  # once per batch size
 
     def ready(self) -> bool:
         """Answers once the engine is loaded: the ingress's readiness probe, without an inference."""
         return True
 
     async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
-        """The model's output rows for a preprocessed (N, 3, H, W) batch, and which replica ran them."""
-        return await self.run_batch(batch), self.replica_id
+        """The model's output rows for a preprocessed (N, 3, H, W) batch, and which replica ran them.
+        A request of more images than an engine call takes is split; Serve batches the pieces."""
+        size = self.max_batch
+        pieces = [batch[start:start + size] for start in range(0, len(batch), size)]
+        outputs = await asyncio.gather(*(self.run_batch(piece) for piece in pieces))
+        return (outputs[0] if len(outputs) == 1 else np.concatenate(outputs)), self.replica_id
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)  # both set from ServeOptions in __init__
+    # Sizes set from ServeOptions in __init__; a batch counts images, not requests.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002, batch_size_fn=_images)
     async def run_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         sizes = np.cumsum([len(batch) for batch in batches])[:-1]
         joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
