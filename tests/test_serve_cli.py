@@ -74,6 +74,23 @@ def test_usage_errors_are_one_line_before_ray_starts(tiny_svt_onnx, tmp_path, mo
     assert len(lines) == 1 and words in lines[0], result.output
 
 
+def test_an_openvino_ir_ships_as_bytes_and_runs_from_them(tiny_svt_onnx, tmp_path):
+    """Replicas get the IR's .xml and .bin as bytes; the Predictor made from them equals the one on the files."""
+    from twins_deploy.engines.openvino_backend import build_ir
+    from twins_deploy.runtime import Predictor
+    from twins_deploy.serving.model_file import ModelFile
+
+    xml = tmp_path / "tiny.xml"
+    build_ir(tiny_svt_onnx, xml, "fp32")
+    shipped = ModelFile.read(xml)
+    assert sorted(shipped.files) == ["tiny.bin", "tiny.xml"]
+    described = shipped.describe("tiny")
+    assert (described.platform, described.output_name, described.output_dim) == ("openvino", "logits", 10)
+    batch = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_allclose(shipped.predictor(threads=1).run(batch), Predictor(xml, threads=1).run(batch),
+                               atol=1e-6)
+
+
 def test_only_loopback_hosts_pass_without_a_warning():
     from twins_deploy.serving.server import is_loopback
 
