@@ -19,6 +19,7 @@ import numpy as np
 
 from twins_deploy.engines.base import Runner
 from twins_deploy.errors import UsageError
+from twins_deploy.memory import check_batch
 
 SCHEMA_VERSION = 2  # 2: speedup_vs_first is the median of per-round ratios; speedup_min/max added
 
@@ -131,6 +132,7 @@ def bench(runners: Sequence[Runner], batches: Sequence[int], *, warmup: int = 5,
         too_big = [b for b in batches if info.max_batch is not None and b > info.max_batch]
         if too_big:
             raise UsageError(f"batch {too_big[0]} is larger than {info.name}'s maximum {info.max_batch}")
+    check_batch("bench", [info.metadata for info in infos], max(batches))  # every runner keeps its activations
     rng = np.random.default_rng(seed)
     rows = []
     for batch in batches:

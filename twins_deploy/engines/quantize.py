@@ -19,6 +19,7 @@ import numpy as np
 
 from twins_deploy.files import atomic_output
 from twins_deploy.errors import UsageError
+from twins_deploy.memory import check_calibration, check_images
 from twins_deploy.metadata import ModelMetadata
 
 INT8_TARGETS = ("cpu", "tensorrt")
@@ -31,6 +32,7 @@ def synthetic_images(meta: ModelMetadata, count: int, seed: int = 0) -> np.ndarr
 
     rng = np.random.default_rng(seed)
     height, width = meta.input_size
+    check_images(count, meta.input_size)
     mean, std = np.asarray(meta.mean, np.float32), np.asarray(meta.std, np.float32)
     images = np.empty((count, 3, height, width), np.float32)
     for i in range(count):
@@ -50,6 +52,7 @@ def folder_images(folder: str | Path, meta: ModelMetadata, count: int) -> tuple[
     if not folder.is_dir():
         raise UsageError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    check_images(min(count, len(files)), meta.input_size)
     arrays, skipped = [], []
     for path in files:
         if len(arrays) == count:
@@ -126,6 +129,7 @@ def quantize_int8(fp32_onnx: str | Path, output: str | Path, calibration: np.nda
     meta = ModelMetadata.from_props(props, str(fp32_onnx))
     if meta.extra.get("precision", "fp32") != "fp32":
         raise UsageError(f"{fp32_onnx} is already {meta.extra['precision']}: quantize the fp32 export")
+    check_calibration(meta, len(calibration), batch)
     (input_name,) = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
 
     class Batches(CalibrationDataReader):

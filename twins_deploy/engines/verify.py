@@ -8,6 +8,7 @@ import numpy as np
 
 from twins_deploy.engines.base import Runner
 from twins_deploy.errors import UsageError
+from twins_deploy.memory import check_batch
 from twins_deploy.metadata import ModelMetadata
 from twins_deploy.parity import Parity, compare
 
@@ -99,7 +100,8 @@ def verify(runner: Runner, reference: Runner, inputs: np.ndarray, *, source: str
     if info.input_shape[1:] != ref_info.input_shape[1:]:
         raise UsageError(f"the engine takes {info.input_shape[1:]} but the reference model {ref_info.input_shape[1:]}: "
                          "pass the --img-size the engine was built for")
-    batch_size = max(1, min(batch_size, info.max_batch or batch_size))
+    batch_size = max(1, min(batch_size, info.max_batch or batch_size, len(inputs)))
+    check_batch("verify", [info.metadata] * 2, batch_size)  # the engine and the reference run one model
     got, want = [], []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]

@@ -20,7 +20,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -149,9 +149,12 @@ def export_onnx(model: str | ModelSpec | torch.nn.Module, output: str | Path | N
     output is further than ``PARITY_MAX_REL`` from PyTorch; the file is written either way.
     ``progress`` receives a short line before each step (for a spinner).
     """
+    from twins_deploy.memory import footprint
+
     start = time.perf_counter()
     step = progress or (lambda message: None)
     batch, opset, head = check_export_args(batch, opset, head)
+    _check_memory(model, img_size, num_classes, config, head, batch, verify)
     twins = _load_model(model, weights, img_size, num_classes, config)
     spec = OnnxExportSpec(head, twins.img_size, batch, opset)
     path = Path(output) if output is not None else default_output(twins.spec.name, twins.img_size)
@@ -172,6 +175,8 @@ def export_onnx(model: str | ModelSpec | torch.nn.Module, output: str | Path | N
         step("checking the graph and inferring shapes")
         proto = _check_and_infer_shapes(proto)
         metadata = export_metadata(twins, head, preprocessing)
+        recorded = footprint(twins.spec, twins.img_size, head).to_metadata()  # engines run on the file need no replay
+        metadata = replace(metadata, extra={**metadata.extra, **recorded})
         _set_metadata(proto, metadata)
         step(f"writing {path}")
         file_bytes = save_onnx_atomic(proto, tmp)
@@ -295,6 +300,22 @@ def validate_model_outputs(model, path: str | Path, spec: OnnxExportSpec, seed: 
 
 # ----------------------------------------------------------------------------------------------
 # Steps
+
+
+def _check_memory(model, img_size, num_classes, config, head: str, batch: str | int, verify: bool) -> None:
+    """Refuse an export this process cannot hold, from the configuration alone: before a weight is allocated."""
+    import torch
+
+    from twins_deploy.memory import check_export
+    from twins_deploy.models import resolve_spec, with_classes
+
+    if isinstance(model, torch.nn.Module):
+        spec, size = model.spec, model.img_size
+    else:
+        spec = with_classes(resolve_spec(model, config), num_classes)
+        size = img_size or spec.input_size
+    outline = OnnxExportSpec(head, size, batch, DEFAULT_OPSET)
+    check_export(spec, size, head, outline.trace_batch, max(outline.verify_batches) if verify else 0)
 
 
 def _load_model(model, weights, img_size, num_classes, config):

@@ -34,6 +34,9 @@ def create_model(name: str | ModelSpec, *, weights: str | Path = "random",
     family = family_of(spec)
     if output not in family.outputs:
         raise UsageError(f"{spec.name} offers the outputs {', '.join(family.outputs)}, not {output!r}")
+    from twins_deploy.memory import check_model_build
+
+    check_model_build(spec, img_size or spec.input_size)  # refused before a byte is allocated if it cannot fit
     try:
         model = family.model_class(spec.config, img_size or spec.input_size, output=output, spec=spec)
     except ValueError as exc:

@@ -43,7 +43,7 @@ class FlaxCrossFormerConfig:
     depth: int | tuple[int, ...] = (2, 2, 8, 2)
     global_window_size: int | tuple[int, ...] = (8, 4, 2, 1)
     local_window_size: int | tuple[int, ...] = 7
-    cross_embed_kernel_sizes: tuple = ((4, 8, 16, 32), (2, 4), (2, 4), (2, 4))
+    cross_embed_kernel_sizes: tuple[tuple[int, ...], ...] = ((4, 8, 16, 32), (2, 4), (2, 4), (2, 4))
     cross_embed_strides: int | tuple[int, ...] = (4, 2, 2, 2)
     num_classes: int = 1000
     attn_dropout: float = 0.0

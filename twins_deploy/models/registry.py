@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from twins_deploy.errors import UsageError
+from twins_deploy.models.dimensions import check_dimensions, config_values
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +94,7 @@ def to_size(img_size: int | tuple[int, int] | str, stride: int = 1) -> tuple[int
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if len(size) == 1:
         size = (size[0], size[0])
-    if len(size) != 2 or any(s <= 0 or s % stride for s in size):
+    if len(size) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 or s % stride for s in size):
         raise ValueError(f"image height and width must be positive multiples of {stride}, got {given!r}")
     return int(size[0]), int(size[1])
 
@@ -135,6 +136,7 @@ def make_config(family: Family, kwargs: dict, origin: str = "config") -> tuple[A
                              f"it takes {', '.join(sorted(fields))}")
     values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
               for k, v in kwargs.items()}
+    check_dimensions(family.config_class, values, origin)
     notes = [f"{key}={value} is ignored: inference runs without dropout"
              for key, value in values.items() if "dropout" in key and value]
     try:
@@ -154,6 +156,7 @@ def resolve_spec(name: str | ModelSpec | Any, config: str | Path | dict | Any | 
         family = next((f for f in FAMILIES.values() if isinstance(name, f.config_class)), None)
         if family is None:
             raise UsageError(f"{type(name).__name__} is no model name, spec or family config")
+        check_dimensions(type(name), config_values(name))
         spec = ModelSpec("custom", name, family=family.name)
     else:
         spec = _ALIASES.get(str(name).lower().strip())
@@ -167,6 +170,7 @@ def resolve_spec(name: str | ModelSpec | Any, config: str | Path | dict | Any | 
         return spec
     family = family_of(spec)
     if isinstance(config, family.config_class):
+        check_dimensions(type(config), config_values(config))
         return _with_config(spec, config)
     origin = "config"
     if isinstance(config, (str, Path)):
@@ -187,6 +191,7 @@ def _with_config(spec: ModelSpec, config: Any) -> ModelSpec:
 def with_classes(spec: ModelSpec, num_classes: int | None) -> ModelSpec:
     if num_classes is None or num_classes == spec.config.num_classes:
         return spec
+    check_dimensions(type(spec.config), {"num_classes": num_classes})
     return replace(spec, config=replace(spec.config, num_classes=num_classes))
 
 

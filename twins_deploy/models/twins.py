@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ BLOCK_NORM_EPS = 1e-6  # block and final LayerNorm; patch-embed and GSA sub-samp
 @dataclass(frozen=True)
 class TwinsConfig:
     """Architecture of one Twins network (timm's constructor arguments)."""
+
+    ZERO_MEANING: ClassVar[dict[str, str]] = {"num_classes": "no head: logits are the pooled embedding"}
 
     embed_dims: tuple[int, ...] = (64, 128, 256, 512)
     num_heads: tuple[int, ...] = (1, 2, 4, 8)
