@@ -46,7 +46,7 @@ class _Group(TyperGroup):
         """``--verbose``/``-v`` typed after the command (``twins-deploy export ... --verbose``) moves in front of it,
         where the option lives; the command's own arguments are kept to name the input in errors."""
         end = args.index("--") if "--" in args else len(args)
-        command = next((i for i, arg in enumerate(args[:end]) if not arg.startswith("-")), end)  # the group has flags only
+        command = next((i for i, arg in enumerate(args[:end]) if not arg.startswith("-")), end)  # the group: flags only
         if command < end:
             typed = [arg for arg in args[command + 1:end] if arg not in VERBOSE_FLAGS]
             verbose = ["--verbose"] if len(typed) < end - command - 1 else []
