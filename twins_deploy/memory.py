@@ -37,7 +37,7 @@ EXPORT_WEIGHT_COPIES = 9  # peak while simplifying and checking (torch's, the pr
 MODEL_WEIGHT_COPIES = 2  # a model being built holds its weights and, while loading, the checkpoint's tensors
 CALIBRATION_WEIGHT_COPIES = 3  # quantize_int8: the loaded model, its augmented copy and the calibration session
 ONNXRUNTIME_FACTOR = 2  # onnxruntime's graph and arena over the replayed torch forward: measured 0.8x (ViT) to 2.9x
-#                        (svt-s) at a batch's peak, 2.4x on svt-s's calibration
+#                        (svt-s) at a batch's peak, 2.0x on svt-s's int8 calibration
 MAX_MODULES = 5_000  # 8x the largest registered model (CrossFormer: 603); more would take the meta build minutes
 GUARD_ENV = "TWINS_DEPLOY_MEMORY_GUARD"
 METADATA_KEY = "memory_footprint"  # an export records its footprint, so engines run on it need no replay
