@@ -301,8 +301,10 @@ def _footprint_of(meta: ModelMetadata) -> Footprint | None:
 
     height, width = meta.input_size
     label = f"{meta.model} at {height}x{width}"
-    if METADATA_KEY in meta.extra:
+    try:
         return Footprint(label, (height, width), **json.loads(meta.extra[METADATA_KEY]))
+    except (KeyError, ValueError, TypeError):  # an export without it (or with a damaged one): replay
+        pass
     from twins_deploy.engines.verify import reference_model
     from twins_deploy.errors import TwinsDeployError
     from twins_deploy.models import resolve_spec
