@@ -56,8 +56,7 @@ class TwinsModel:
     async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
         """The model's output rows for a preprocessed (N, 3, H, W) batch, and which replica ran them.
         A request of more images than an engine call takes is split; Serve batches the pieces."""
-        size = self.max_batch
-        pieces = [batch[start:start + size] for start in range(0, len(batch), size)]
+        pieces = [batch[start:start + self.max_batch] for start in range(0, len(batch), self.max_batch)]
         outputs = await asyncio.gather(*(self.run_batch(piece) for piece in pieces))
         return (outputs[0] if len(outputs) == 1 else np.concatenate(outputs)), self.replica_id
 
