@@ -270,6 +270,20 @@ def test_ray_gives_the_rows_of_plain_infer(cluster, photos, tiny_onnx, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([plain.name, on_ray.name])  # no temp files
 
 
+def test_an_openvino_ir_is_shipped_whole_and_gives_the_rows_of_plain_infer(cluster, photos, tiny_onnx, tmp_path):
+    from twins_deploy.engines.openvino_backend import build_ir
+
+    ir = tmp_path / "engine" / "tiny.xml"
+    build_ir(tiny_onnx, ir, "fp32")  # an .xml and its .bin: both travel to the workers
+    inputs = [str(photos / "good_0*.jpg"), str(photos / "grey16.png")]
+    plain, on_ray = tmp_path / "plain.jsonl", tmp_path / "ray.jsonl"
+    assert runner.invoke(app, ["infer", "-e", str(ir), *inputs, "--topk", "3", "-o", str(plain)]).exit_code == 0
+    result = runner.invoke(app, ["infer", "-e", str(ir), *inputs, "--topk", "3", "-o", str(on_ray),
+                                 "--address", cluster.address])
+    assert result.exit_code == 0, result.output
+    _assert_same_rows(_rows(plain), _rows(on_ray))
+
+
 def test_python_api_on_bytes_and_decoded_images(driver, photos, tiny_onnx, tmp_path):
     from twins_deploy.batch import infer_dataset
 

@@ -520,6 +520,9 @@ def infer(
             report = run_job(engine, inputs, source=source, address=address, workers=workers, threads=threads,
                              batch_size=batch_size, topk=topk, output=output, progress=show, log=_log)
         records, total, failed, first = report.records, report.total, report.failed, report.first_failure
+        if report.seconds_to_first_result is not None:
+            _log(f"{total} inputs in {report.seconds:.1f} s on Ray: {report.seconds_to_ray:.1f} s to start or join "
+                 f"it, the first result after {report.seconds_to_first_result:.1f} s")
     else:
         from twins_deploy.engines import open_engine
 

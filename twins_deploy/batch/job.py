@@ -46,12 +46,12 @@ def check_reachable(address: str) -> None:
         return
     host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not host or not port.isdigit():
-        raise UsageError(f"--ray takes no address (a local Ray), 'auto', HOST:PORT or ray://HOST:PORT; got {address}")
+        raise UsageError(f"--address takes auto, HOST:PORT or ray://HOST:PORT; got {address}")
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
     except OSError as exc:
         raise UsageError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}; start one with "
-                         "'ray start --head', or leave out the address to run on this machine") from None
+                         "'ray start --head', or leave out --address to run on a local Ray") from None
 
 
 @contextlib.contextmanager

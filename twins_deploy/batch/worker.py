@@ -192,5 +192,4 @@ class EngineWorker:
 def _tensor_rows(column):
     """The arrays of an ``image`` column as Ray Data's ``read_images`` makes it (a tensor extension type)."""
     for chunk in column.chunks:
-        array = chunk.to_numpy(zero_copy_only=False) if hasattr(chunk, "to_numpy") else np.asarray(chunk.to_pylist())
-        yield from array
+        yield from chunk.to_numpy(zero_copy_only=False)
