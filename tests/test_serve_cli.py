@@ -64,6 +64,7 @@ def test_readme_config_yaml_is_a_valid_serve_config_for_our_builder(tiny_svt_onn
     (["MODEL", "--min-replicas", "2"], "--min-replicas and --max-replicas go together"),
     (["MODEL", "--max-batch", "0"], "--max-batch must be a whole number of at least 1"),
     (["MODEL", "--name", "a/b"], "--name may hold"),
+    (["MODEL", "--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
 ])
 def test_usage_errors_are_one_line_before_ray_starts(tiny_svt_onnx, tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

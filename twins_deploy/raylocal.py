@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Iterator
 
 from twins_deploy.errors import UsageError
 
 LOOPBACK = "127.0.0.1"
+PROBE_SECONDS = 5  # a Ray address that does not answer a TCP connection in this long is refused at once
 
 
 def require_ray(extra: str, local: bool = False):
@@ -28,6 +30,20 @@ def require_ray(extra: str, local: bool = False):
     return ray
 
 
+def check_reachable(address: str) -> None:
+    """Refuse an address nothing answers on, in seconds (``ray.init`` retries a dead one for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address takes auto, HOST:PORT or ray://HOST:PORT; got {address}")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        raise UsageError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}; start one with "
+                         "'ray start --head', or leave out --address to run on a local Ray") from None
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None, extra: str = "serve",
                 **init_kwargs) -> Iterator[object]:
@@ -35,6 +51,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, extr
     127.0.0.1 with no dashboard and ``num_cpus`` CPUs (default: the machine's), shut down at the end."""
     ray = require_ray(extra, local=not address)
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False, **init_kwargs)
         except Exception as exc:

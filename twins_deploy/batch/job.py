@@ -9,7 +9,6 @@ its retries ran out is written last with an error: every input exactly once.
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from twins_deploy.batch.worker import EnginePackage, answer_fields
 from twins_deploy.engines.predict import InputItem, check_output, write_predictions
 from twins_deploy.errors import UsageError
 
-PROBE_SECONDS = 5  # a Ray address that does not answer a TCP connection in this long is refused at once
 LOST = ("not answered: the worker running its batch died on every attempt ({tries}): an input that crashes "
         "the decoder, or a worker out of memory?")
 
@@ -40,20 +38,6 @@ class JobReport:
     seconds: float = 0.0  # the whole job
 
 
-def check_reachable(address: str) -> None:
-    """Refuse an address nothing answers on, in seconds (``ray.init`` retries a dead one for minutes)."""
-    if address == "auto":
-        return
-    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--address takes auto, HOST:PORT or ray://HOST:PORT; got {address}")
-    try:
-        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
-    except OSError as exc:
-        raise UsageError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}; start one with "
-                         "'ray start --head', or leave out --address to run on a local Ray") from None
-
-
 @contextlib.contextmanager
 def ray_for_job(address: str | None) -> Iterator[None]:
     """A connection for the job: the one this process already has, the cluster at ``address``, or a
@@ -64,8 +48,6 @@ def ray_for_job(address: str | None) -> Iterator[None]:
         return
     from twins_deploy.raylocal import ray_session
 
-    if address:
-        check_reachable(address)
     with ray_session(address, extra="batch"):
         yield
 
