@@ -307,18 +307,15 @@ def _rows_of_plain(tiny_onnx: Path, inputs: list[str], tmp_path: Path) -> list[d
     return _rows(out)
 
 
-def test_two_nodes_each_run_an_engine_actor(cluster, photos, tiny_onnx):
+def test_two_nodes_each_run_an_engine_actor(driver, photos, tiny_onnx):
+    """The job's own actors (those new since it started, alive or finished) ran on both nodes."""
     from twins_deploy.batch import run_job
 
-    nodes: set[str] = set()
-
-    def look(done: int, total: int) -> None:
-        nodes.update(a["Address"]["NodeID"] for a in _engine_workers())
-
-    report = run_job(tiny_onnx, [str(photos / "good_*.jpg")], address=cluster.address, workers=2, batch_size=2,
-                     progress=look)
+    before = {a["ActorID"] for a in _engine_workers(alive=False)}
+    report = run_job(tiny_onnx, [str(photos / "good_*.jpg")], workers=2, batch_size=2)
     assert report.failed == 0 and len(report.records) == 14
-    assert len(nodes) == 2
+    ours = [a for a in _engine_workers(alive=False) if a["ActorID"] not in before]
+    assert len({a["Address"]["NodeID"] for a in ours}) == 2, ours
 
 
 @pytest.fixture(scope="module")
