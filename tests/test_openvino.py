@@ -81,6 +81,17 @@ def test_int8_ir_stays_close_to_fp32_and_agrees_on_top1(tiny):
     assert len(report["kept_in_higher_precision"]) == 2  # the pixel-reading patch embedding and the classifier
 
 
+def test_int8_layer_norm_quantizers_fuse_into_the_layer_norms(tiny):
+    """Every LayerNorm NNCF quantizes runs on a 3-D view, where OpenVINO's CPU plugin fuses the quantizer
+    into the MVN: the compiled model keeps no FakeQuantize of its own (before: one per such LayerNorm)."""
+    assert tiny["int8_report"]["quantization"]["layer_norms_on_3d_view"] > 0
+    model = ov.Core().read_model(tiny["int8"])
+    model.reshape([1, 3, 224, 224])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": "1"})
+    kinds = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
+    assert "MVN" in kinds and "FakeQuantize" not in kinds
+
+
 def test_nncf_int8_of_the_default_export_compiles_with_a_dynamic_batch(tiny):
     """OpenVINO's own int8 path, as its documentation shows it, on our export: no static batch needed."""
     model = ov.convert_model(str(tiny["onnx"]))
