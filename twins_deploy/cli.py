@@ -735,10 +735,12 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="Engine threads per replica (default: a local Ray's CPUs "
                                                         "shared by the replicas; on a cluster, --replica-cpus).")] = None,
     replica_cpus: Annotated[float, typer.Option(help="Ray CPUs each model replica reserves.")] = 1.0,
-    max_batch: Annotated[int, typer.Option(help="Images per engine call: Serve's dynamic batching gathers "
-                                                "concurrent requests up to this.")] = 8,
+    max_batch: Annotated[Optional[int], typer.Option(
+        help="Images per engine call: Serve's dynamic batching gathers concurrent requests up to this (default: "
+             "the size of 1, 2, 4, 8 with the most images/s, timed when a replica starts).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill, in ms.")] = 2.0,
-    max_queued: Annotated[int, typer.Option(help="Requests waiting for a replica; past it: 503 with "
+    max_queued: Annotated[int, typer.Option(help="Requests each replica queues beyond a batch, and as many "
+                                                 "again in front of the replicas; past that: 503 with "
                                                  "Retry-After.")] = 64,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body; larger: 413, refused from its "
                                                     "Content-Length.")] = 16.0,

@@ -48,15 +48,16 @@ class Predictor:
 
     ``providers``: onnxruntime execution providers in order of preference, full names or
     ``"tensorrt"``, ``"cuda"``, ``"cpu"`` (default: TensorRT, CUDA, CPU, whichever are installed).
-    ``threads`` caps onnxruntime's intra-op threads (default: all cores).
+    ``threads`` caps onnxruntime's intra-op threads (default: all cores); ``spin=False`` lets them sleep
+    between ops instead of busy-waiting, for cores shared with other processes (a server's).
     """
 
     def __init__(self, model: str | Path | bytes, *, providers: list[Provider] | None = None,
-                 threads: int | None = None, top_k: int = 5):
+                 threads: int | None = None, top_k: int = 5, spin: bool = True):
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, got {top_k}")
         self.source = "the model bytes" if isinstance(model, bytes) else str(model)
-        self.session = create_session(model, providers, threads)
+        self.session = create_session(model, providers, threads, spin)
         self.metadata: ModelMetadata = session_metadata(self.session, self.source)
         self.top_k = top_k
         if self.metadata.output not in ("logits", "embedding"):

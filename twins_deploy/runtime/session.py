@@ -53,7 +53,7 @@ def resolve_providers(providers: list[Provider] | None) -> list[Provider]:
 
 
 def create_session(model: str | Path | bytes, providers: list[Provider] | None = None,
-                   threads: int | None = None):
+                   threads: int | None = None, spin: bool = True):
     """An ``InferenceSession`` with full graph optimisation; ``threads`` caps intra-op threads.
     An OpenVINO IR (a ``.xml`` path) gets an ``OpenVinoSession``, which answers the same calls."""
     if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".xml":
@@ -68,6 +68,8 @@ def create_session(model: str | Path | bytes, providers: list[Provider] | None =
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
+    if not spin:  # threads sleep between ops instead of busy-waiting: for cores shared with other processes
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)

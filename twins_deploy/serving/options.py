@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from twins_deploy.errors import UsageError
 
 MAX_IMAGES_PER_REQUEST = 64  # one request may carry several images (multipart, or a v2 batch); this many at most
+AUTO_BATCHES = (1, 2, 4, 8)  # what a replica times at start when --max-batch is not given: the most images/s wins
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,9 @@ class ServeOptions:
     min_replicas: int | None = None
     max_replicas: int | None = None
     threads: int | None = None
-    max_batch: int = 8  # images per engine call; Serve's @serve.batch fills it for batch_wait_ms at most
+    max_batch: int | None = None  # images per engine call (None: the best of AUTO_BATCHES, timed at start)
     batch_wait_ms: float = 2.0
-    max_queued: int = 64  # requests waiting for a model replica; past it: 503 with Retry-After
+    max_queued: int = 64  # requests each replica queues beyond a batch, and again in front of the replicas; then 503
     max_body_mb: float = 16.0  # request bodies over this: 413, refused from the Content-Length header
     top_k: int = 5
     replica_cpus: float = 1.0  # Ray CPUs each model replica reserves
@@ -32,6 +33,8 @@ class ServeOptions:
     def __post_init__(self) -> None:
         for key in ("replicas", "max_batch", "max_queued", "top_k"):
             value = getattr(self, key)
+            if key == "max_batch" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{_flag(key)} must be a whole number of at least 1, got {value!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -55,6 +58,11 @@ class ServeOptions:
         return self.threads or max(1, int(self.replica_cpus))
 
     @property
+    def largest_batch(self) -> int:
+        """The most images one engine call may take."""
+        return self.max_batch or max(AUTO_BATCHES)
+
+    @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
@@ -62,7 +70,7 @@ class ServeOptions:
         if self.min_replicas is None:
             return None
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.max_batch}
+                "target_ongoing_requests": self.largest_batch}
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -75,6 +75,10 @@ def run_server(model: str | Path, options: ServeOptions, listen: Listen, *, addr
         serve.start(http_options={"host": listen.host, "port": listen.port})
         try:
             serve.run(application(files, served, options), name=APP_NAME, route_prefix="/")
+            engine = serve.get_deployment_handle("model", APP_NAME).describe.remote().result()
+            chosen = "" if options.max_batch else " (timed at start)"
+            log(f"model replicas: {options.min_replicas or options.replicas} x {', '.join(engine['providers'])}, "
+                f"{engine['threads']} threads, up to {engine['max_batch']} images per call{chosen}")
             base = f"http://{listen.host}:{listen.port}"
             log(f"serving {served.name} from {Path(model).name}: {base}/v1/models/{served.name}/predict "
                 f"(v2: {base}/v2/models/{served.name}/infer)")
