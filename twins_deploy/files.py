@@ -63,16 +63,22 @@ def cleanup_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """A temporary path next to ``path`` (same suffix, for tools that check it); it replaces ``path``
-    only if the block succeeds (fsync, then rename), with the mode an ordinary write would give, so
-    an error, Ctrl-C or SIGTERM never leaves a half-written file, a temp file, or a damaged earlier one."""
+def _with_parent(path: str | Path) -> Path:
+    """``path`` as a Path, its folder created (a one-line error when it cannot be)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the folder for {path}: {exc.strerror}") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` (same suffix, for tools that check it); it replaces ``path``
+    only if the block succeeds (fsync, then rename), with the mode an ordinary write would give, so
+    an error, Ctrl-C or SIGTERM never leaves a half-written file, a temp file, or a damaged earlier one."""
+    path = _with_parent(path)
     with cleanup_on_sigterm():
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         os.close(fd)
@@ -93,11 +99,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     its files fsynced and given ordinary modes, then renamed into place only if the block succeeds.
     An earlier folder at ``path`` is moved aside first and deleted after (two renames, not one:
     a crash between them leaves it as a hidden ``.<name>.old`` folder beside, never half-written)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create the folder for {path}: {exc.strerror}") from None
+    path = _with_parent(path)
     with cleanup_on_sigterm():
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         old = tmp.with_name(f".{path.name}.old")

@@ -325,7 +325,7 @@ def available_memory() -> tuple[int, str] | None:
     """Bytes this process can still add, and the limit that says so: the smallest of MemAvailable, the room
     under a cgroup memory limit and the address space left under ``ulimit -v``. None when none is known."""
     limits = []
-    available = _meminfo("MemAvailable")
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
     if available is not None:
         limits.append((available, "MemAvailable"))
     room = cgroup_room()
@@ -336,7 +336,7 @@ def available_memory() -> tuple[int, str] | None:
 
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
-            used = _status("VmSize") or 0
+            used = _proc_bytes("/proc/self/status", "VmSize") or 0
             limits.append((max(0, soft - used), f"address-space limit, ulimit -v {soft // 1024}"))
     except (ImportError, OSError, ValueError):
         pass
@@ -387,20 +387,10 @@ def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> 
     return max(0, limit - usage + int(stats.get(inactive_key, 0))), limit
 
 
-def _meminfo(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A ``key: N kB`` line of a /proc file in bytes (None where there is no such file or line)."""
     try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -410,7 +400,7 @@ def _status(key: str) -> int | None:
 
 
 def _resident_bytes() -> int:
-    return _status("VmRSS") or 0
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def _size_text(img_size) -> str:
