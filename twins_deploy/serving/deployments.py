@@ -15,6 +15,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 
 from twins_deploy.raylocal import keep_replica_on_loopback
@@ -246,9 +248,6 @@ class Ingress:
     async def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
         """The model's outputs and the replica that ran them. A call whose replica died is sent again
         (to a live replica) until ``RETRY_SECONDS`` have passed. A full queue is 503 with ``Retry-After``."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         deadline = time.monotonic() + RETRY_SECONDS
         while True:
             try:

@@ -1,7 +1,7 @@
 """Every setting of a served model in one place: the CLI, ``app()`` and a Serve config YAML fill the same object."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from twins_deploy.errors import UsageError
 
@@ -71,9 +71,6 @@ class ServeOptions:
             return None
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.largest_batch}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _flag(key: str) -> str:
