@@ -92,8 +92,20 @@ def flax_model(spec, vit_flax: Path):
     return getattr(module, class_name)(**arguments)
 
 
-def convert_with_jax2onnx(apply, size: tuple[int, int], batch, path: Path) -> tuple[str | None, str | None]:
-    """(path, None) when jax2onnx converts and onnxruntime loads the file, else (None, why)."""
+def seeded_variables(module, image: np.ndarray):
+    """``module``'s variables, seeded: Flax's initialisation plus 0.05 N(0, 1) on every array (its zero-initialised
+    tokens and CaiT's zero head mixing give all-zero logits otherwise; the golden vectors do the same)."""
+    import jax
+
+    variables = module.init(jax.random.PRNGKey(0), image)
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [leaf + 0.05 * jax.random.normal(key, leaf.shape, leaf.dtype) for leaf, key in zip(leaves, keys)])
+
+
+def export_with_jax2onnx(apply, size: tuple[int, int], batch, path: Path) -> str | None:
+    """Write jax2onnx's ``to_onnx`` of ``apply`` for NHWC images of ``size`` to ``path``; None, or why it failed."""
     from jax2onnx import to_onnx
 
     try:
@@ -101,7 +113,15 @@ def convert_with_jax2onnx(apply, size: tuple[int, int], batch, path: Path) -> tu
             warnings.simplefilter("ignore")
             to_onnx(apply, [(batch, *size, 3)], return_mode="file", output_path=str(path))
     except Exception as exc:  # whatever jax2onnx raises is the finding
-        return None, f"conversion failed: {first_line(exc)}"
+        return f"conversion failed: {first_line(exc)}"
+    return None
+
+
+def convert_with_jax2onnx(apply, size: tuple[int, int], batch, path: Path) -> tuple[str | None, str | None]:
+    """(path, None) when jax2onnx converts and onnxruntime loads the file, else (None, why)."""
+    error = export_with_jax2onnx(apply, size, batch, path)
+    if error:
+        return None, error
     try:
         create_session(path, providers=CPU, threads=1)
     except Exception as exc:  # onnxruntime refuses the file
@@ -128,7 +148,6 @@ def time_rounds(engines: dict[str, tuple[ort.InferenceSession, dict]], rounds: i
 
 def compare(name: str, vit_flax: Path, folder: Path, args) -> dict:
     import flax.serialization
-    import jax
     import torch
 
     from twins_deploy.exporters import export_onnx
@@ -139,13 +158,7 @@ def compare(name: str, vit_flax: Path, folder: Path, args) -> dict:
     module = flax_model(spec, vit_flax)
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, height, width, 3), dtype=np.float32)
-    variables = module.init(jax.random.PRNGKey(0), image)
-    # Flax's zero-initialised tokens and CaiT's zero head mixing give all-zero logits: perturb every
-    # array (+0.05 N(0, 1), as the golden vectors do) so the parity figures mean something
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    variables = jax.tree_util.tree_unflatten(
-        tree, [leaf + 0.05 * jax.random.normal(key, leaf.shape, leaf.dtype) for leaf, key in zip(leaves, keys)])
+    variables = seeded_variables(module, image)
     weights = folder / f"{name.split('/')[1]}.msgpack"
     weights.write_bytes(flax.serialization.to_bytes(variables))
 
