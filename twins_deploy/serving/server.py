@@ -5,19 +5,22 @@ On a stop signal the app is deleted first, which lets every replica finish the r
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from twins_deploy.errors import UsageError
-from twins_deploy.serving.options import ServeOptions
+from twins_deploy.serving.options import MAX_IMAGES_PER_REQUEST, ServeOptions
 
 APP_NAME = "twins-deploy"
 
@@ -67,15 +70,19 @@ def run_server(model: str | Path, options: ServeOptions, listen: Listen, *, addr
     for name in ("ray", "ray.serve"):  # Serve's INFO lines on our stderr; its logs stay in Ray's log folder
         logging.getLogger(name).setLevel(logging.WARNING)
     init = {} if address else {"_metrics_export_port": listen.metrics_port}
+    proxy_port = listen.port
+    if address is None:
+        proxy_port = throughput_optimized(listen, largest_message(served, options))
     with ray_session(address, num_cpus=cpus, **init), _stop_signals(stop):
         from ray import serve
 
         from twins_deploy.serving.deployments import application
 
-        serve.start(http_options={"host": listen.host, "port": listen.port})
+        serve.start(http_options={"host": listen.host, "port": proxy_port})
         try:
             serve.run(application(files, served, options), name=APP_NAME, route_prefix="/")
-            engine = serve.get_deployment_handle("model", APP_NAME).describe.remote().result()
+            handles = _DriverHandles()
+            engine = handles.call(lambda: serve.get_deployment_handle("model", APP_NAME).describe.remote())
             chosen = "" if options.max_batch else " (timed at start)"
             log(f"model replicas: {options.min_replicas or options.replicas} x {', '.join(engine['providers'])}, "
                 f"{engine['threads']} threads, up to {engine['max_batch']} images per call{chosen}")
@@ -91,11 +98,60 @@ def run_server(model: str | Path, options: ServeOptions, listen: Listen, *, addr
             while not stop.wait(0.5):
                 pass
             log("stopping: answering the requests in flight, then shutting down")
-            unanswered = serve.get_app_handle(APP_NAME).drain.remote().result()
+            unanswered = handles.call(lambda: serve.get_app_handle(APP_NAME).drain.remote())
             if unanswered:
                 log(f"warning: {unanswered} requests were still running after 60 s and are cut off")
         finally:
             serve.delete(APP_NAME)  # replicas finish what they hold; ray.shutdown ends the local Ray
+
+
+def throughput_optimized(listen: Listen, message_bytes: int) -> int:
+    """Run Serve in its documented throughput-optimized mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED``): the
+    ingress replica itself listens on ``listen.port`` (direct ingress: no proxy process on the way),
+    deployments talk over gRPC (no object store for a batch), user code and the router run on the
+    replica's own event loop. Measured on 2 vCPUs: 1.5x the images per second of Serve's defaults.
+    Serve keeps its proxy on the head node as a fallback; it gets a free loopback port, returned here.
+    ``message_bytes``: the largest call the ingress makes to the model (gRPC's default limit is 4 MB).
+    Only for a private local Ray: set in the environment its processes inherit."""
+    check_port_free(listen.host, listen.port)
+    os.environ.update({
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(listen.port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(listen.port + 1),
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(message_bytes),
+    })
+    with socket.socket() as probe:
+        probe.bind((listen.host, 0))
+        return probe.getsockname()[1]
+
+
+def largest_message(served, options: ServeOptions) -> int:
+    """Bytes of the largest request the ingress sends the model: a full request of float images."""
+    return MAX_IMAGES_PER_REQUEST * 4 * math.prod(served.image_shape) + options.max_body_bytes + (1 << 20)
+
+
+class _DriverHandles:
+    """Handle calls from this synchronous driver. In throughput-optimized mode a handle's router runs on
+    the event loop it is first used on, and must keep it running while the handle lives: one loop, on a
+    daemon thread of its own for the rest of the process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="serve-handles", daemon=True).start()
+
+    def call(self, request: Callable[[], object]):
+        async def call():
+            return await request()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
 
 
 @contextlib.contextmanager
