@@ -12,7 +12,9 @@ with SIGTERM before the next one starts):
 - (c) ``hand``: the server a user writes by hand: FastAPI + uvicorn, a sync endpoint (FastAPI's
   thread pool) calling one ``twins_deploy.runtime.Predictor`` per request;
 - (d) ``engine``: the engine in-process with no HTTP, ``Predictor.run`` on preprocessed batches of
-  1 to 32: the best images/s is the limit a server approaches.
+  1 to 32, one call at a time on every thread and as many calls at once as threads, one thread each
+  (``Predictor(streams=)``, what serve's replicas run by default): the best images/s is the limit a
+  server approaches.
 
 Load: a closed loop of C clients (asyncio, aiohttp, keep-alive) at each concurrency of ``--levels``;
 each POSTs one JPEG to ``/v1/models/NAME/predict`` (``content-type: image/jpeg``), waits for its
@@ -300,39 +302,51 @@ def load_levels(url: str, image: bytes, levels: list[int], requests: int, deadli
 # --- (d): the engine in-process --------------------------------------------------------------------
 
 def engine_limit(engine: Path, image: bytes, threads: int, requests: int, deadline_s: float) -> dict:
-    """Images/s of ``Predictor.run`` on preprocessed batches of 1 to 32 (each batch size a whole round
-    before the next), and what decoding and preprocessing one JPEG costs (in every HTTP figure, not here)."""
+    """Images/s of ``Predictor.run`` on preprocessed batches of 1 to 32, with one call at a time on every
+    thread and, when ``threads`` > 1, ``threads`` calls at once on one thread each (each setting a whole
+    round before the next); and what decoding and preprocessing one JPEG costs (in every HTTP figure, not
+    here). The best row is the limit a server on this engine approaches."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from twins_deploy.runtime import Predictor
 
-    predictor = Predictor(engine, threads=threads)
-    one = predictor.preprocess(image)
-    preprocess_ms = []
-    for _ in range(20):
-        started = time.perf_counter()
-        predictor.preprocess(image)
-        preprocess_ms.append((time.perf_counter() - started) * 1e3)
-    rows = []
-    for batch_size in ENGINE_BATCHES:
-        batch = np.repeat(one, batch_size, axis=0)
-        for _ in range(2):
-            predictor.run(batch)
-        runs = max(10, math.ceil(requests / batch_size))
-        times, stop_at = [], time.perf_counter() + deadline_s
-        for _ in range(runs):
+    rows, preprocess_ms = [], []
+    for streams in sorted({1, threads}):
+        predictor = Predictor(engine, threads=threads, streams=streams)
+        one = predictor.preprocess(image)
+        for _ in range(20 if streams == 1 else 0):
             started = time.perf_counter()
-            predictor.run(batch)
-            times.append((time.perf_counter() - started) * 1e3)
-            if time.perf_counter() > stop_at:
-                break
-        times = np.asarray(times)
-        row = {"batch": batch_size, "runs": len(times),
-               "throughput_img_per_s": batch_size * 1e3 / float(np.median(times)),
-               **_latency_stats(times)}
-        rows.append(row)
-        log(f"  batch {batch_size:<3} {row['throughput_img_per_s']:7.1f} img/s  p50 {_ms(row['latency_ms_p50'])}  "
-            f"p99 {_ms(row['latency_ms_p99'])}  ({len(times)} runs)")
+            predictor.preprocess(image)
+            preprocess_ms.append((time.perf_counter() - started) * 1e3)
+        with ThreadPoolExecutor(streams) as pool:
+            for batch_size in ENGINE_BATCHES:
+                batch = np.repeat(one, batch_size, axis=0)
+                calls = max(10, math.ceil(requests / batch_size))
+                stop_at = time.perf_counter() + deadline_s
+
+                def stream(count: int) -> list[float]:
+                    times = []
+                    for _ in range(count):
+                        started = time.perf_counter()
+                        predictor.run(batch)
+                        times.append((time.perf_counter() - started) * 1e3)
+                        if time.perf_counter() > stop_at:
+                            break
+                    return times
+
+                list(pool.map(lambda _: [predictor.run(batch) for _ in range(2)], range(streams)))  # warm-up
+                started = time.perf_counter()
+                times = np.concatenate(list(pool.map(stream, [math.ceil(calls / streams)] * streams)))
+                wall = time.perf_counter() - started
+                row = {"batch": batch_size, "streams": streams, "runs": len(times),
+                       "throughput_img_per_s": batch_size * len(times) / wall,
+                       **_latency_stats(times)}
+                rows.append(row)
+                log(f"  batch {batch_size:<3} x {streams} at once {row['throughput_img_per_s']:7.1f} img/s  "
+                    f"p50 {_ms(row['latency_ms_p50'])}  p99 {_ms(row['latency_ms_p99'])}  ({len(times)} runs)")
+        del predictor
     best = max(rows, key=lambda r: r["throughput_img_per_s"])
-    return {"threads": threads, "batches": rows, "best_batch": best["batch"],
+    return {"threads": threads, "batches": rows, "best_batch": best["batch"], "best_streams": best["streams"],
             "best_throughput_img_per_s": best["throughput_img_per_s"],
             "preprocess_ms_median": float(np.median(preprocess_ms))}
 
@@ -350,7 +364,7 @@ def checks(results: dict, levels: list[int]) -> list[dict]:
 
     serve32, hand32, serve1 = level(serve, 32), level(hand, 32), level(serve, 1)
     limit = engine["best_throughput_img_per_s"] if engine and "batches" in engine else None
-    engine_p99_b1 = engine["batches"][0]["latency_ms_p99"] if engine and "batches" in engine else None
+    engine_p99_b1 = engine["batches"][0]["latency_ms_p99"] if engine and "batches" in engine else None  # 1 at once
     out = []
 
     def add(kind: str, what: str, measured: bool, passed: bool, figures: str) -> None:
@@ -387,8 +401,10 @@ def markdown(report: dict) -> str:
             continue
         if key == "engine":
             for row in result["batches"]:
-                best = " best" if row["batch"] == result["best_batch"] else ""
-                lines.append(f"| {label} | batch {row['batch']}{best} | {row['throughput_img_per_s']:.1f} | "
+                best = " best" if (row["batch"], row["streams"]) == (result["best_batch"], result["best_streams"]) \
+                    else ""
+                lines.append(f"| {label} | batch {row['batch']} x {row['streams']} at once{best} | "
+                             f"{row['throughput_img_per_s']:.1f} | "
                              f"{_ms(row['latency_ms_p50'])} | {_ms(row['latency_ms_p99'])} | {row['runs']} runs | |")
             continue
         for row in result["levels"]:
@@ -507,6 +523,10 @@ def main() -> None:
             try:
                 result["start_s"] = round(server.start(args.start_timeout), 1)
                 log(f"  ready in {result['start_s']} s on 127.0.0.1:{port}")
+                said = [line for line in server.tail(20).split(" | ") if line.startswith("model replicas:")]
+                if said:  # what serve chose: threads, streams, the batch size timed at start
+                    result["replicas"] = said[0]
+                    log(f"  {said[0]}")
                 url = f"http://127.0.0.1:{port}/v1/models/{name}/predict"
                 result["levels"] = load_levels(url, image, levels, args.requests, args.level_timeout, expected_top1)
             except RuntimeError as exc:

@@ -231,3 +231,16 @@ print(json.dumps(prediction.as_dict()))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["class_ids"][0] == int(reference[0].argmax())
+
+
+def test_an_ir_with_two_streams_answers_concurrent_calls_exactly(tiny):
+    """Two OpenVINO streams (``Predictor(streams=2)``): calls from two threads at once answer as one stream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from twins_deploy.runtime import Predictor
+
+    one = Predictor(tiny["int8"], threads=2).run(tiny["inputs"])
+    streamed = Predictor(tiny["int8"], threads=2, streams=2)
+    with ThreadPoolExecutor(2) as pool:
+        for got in pool.map(lambda _: streamed.run(tiny["inputs"]), range(4)):
+            np.testing.assert_allclose(got, one, atol=1e-5, rtol=0)

@@ -260,3 +260,17 @@ print(json.dumps({{
     expected = predictor.predict(images[0])
     assert tuple(report["class_ids"]) == expected.class_ids
     np.testing.assert_allclose(report["logits"], expected.logits, atol=1e-6, rtol=0)
+
+
+def test_streams_split_the_threads_and_run_calls_at_once_with_equal_answers(onnx_path, predictor, images):
+    """``streams=2``: each onnxruntime call gets half the threads, and two calls at once answer exactly
+    what one session with every thread answers (what a served replica's streams rely on)."""
+    streamed = Predictor(onnx_path, threads=2, streams=2)
+    assert streamed.session.get_session_options().intra_op_num_threads == 1
+    batch = predictor.preprocess(images[:3])
+    want = predictor.run(batch)
+    with ThreadPoolExecutor(2) as pool:
+        for got in pool.map(lambda _: streamed.run(batch), range(4)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(UsageError, match="streams must be at least 1"):
+        Predictor(onnx_path, streams=0)

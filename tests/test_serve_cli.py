@@ -64,6 +64,7 @@ def test_readme_config_yaml_is_a_valid_serve_config_for_our_builder(tiny_svt_onn
     (["MODEL", "--min-replicas", "2"], "--min-replicas and --max-replicas go together"),
     (["MODEL", "--max-batch", "0"], "--max-batch must be a whole number of at least 1"),
     (["MODEL", "--name", "a/b"], "--name may hold"),
+    (["MODEL", "--threads", "2", "--streams", "3"], "--streams (3) cannot exceed --threads (2)"),
     (["MODEL", "--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
 ])
 def test_usage_errors_are_one_line_before_ray_starts(tiny_svt_onnx, tmp_path, monkeypatch, args, words):
@@ -73,6 +74,18 @@ def test_usage_errors_are_one_line_before_ray_starts(tiny_svt_onnx, tmp_path, mo
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], result.output
+
+
+def test_a_busy_port_is_one_line_before_ray_starts(tiny_svt_onnx):
+    """The ingress replica listens on --port itself (direct ingress): a port in use is refused up front."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(cli, ["serve", str(tiny_svt_onnx), "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in lines[0], lines
 
 
 def test_an_openvino_ir_ships_as_bytes_and_runs_from_them(tiny_svt_onnx, tmp_path):

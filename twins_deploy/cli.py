@@ -734,10 +734,13 @@ def serve(
     max_replicas: Annotated[Optional[int], typer.Option(help="With --min-replicas: Serve's autoscaling.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Engine threads per replica (default: a local Ray's CPUs "
                                                         "shared by the replicas; on a cluster, --replica-cpus).")] = None,
+    streams: Annotated[Optional[int], typer.Option(
+        help="Batches a replica runs at once, sharing its threads (default: one thread each, the most images/s; "
+             "1: each batch gets every thread, the lowest latency).")] = None,
     replica_cpus: Annotated[float, typer.Option(help="Ray CPUs each model replica reserves.")] = 1.0,
     max_batch: Annotated[Optional[int], typer.Option(
         help="Images per engine call: Serve's dynamic batching gathers concurrent requests up to this (default: "
-             "the size of 1, 2, 4, 8 with the most images/s, timed when a replica starts).")] = None,
+             "the smallest of 1, 2, 4, 8 within 5% of the most images/s, timed when a replica starts).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill, in ms.")] = 2.0,
     max_queued: Annotated[int, typer.Option(help="Requests each replica queues beyond a batch, and as many "
                                                  "again in front of the replicas; past that: 503 with "
@@ -756,7 +759,7 @@ def serve(
     from twins_deploy.serving.server import Listen, run_server
 
     options = ServeOptions(name=name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                           threads=threads, replica_cpus=replica_cpus, max_batch=max_batch,
+                           threads=threads, streams=streams, replica_cpus=replica_cpus, max_batch=max_batch,
                            batch_wait_ms=batch_wait_ms, max_queued=max_queued, max_body_mb=max_body_mb, top_k=top_k)
     if (model_file is None) == (engine is None):
         raise _usage("pass a model file (.onnx or .xml), or --model NAME with --engine NAME, one of them")

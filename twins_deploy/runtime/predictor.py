@@ -50,14 +50,15 @@ class Predictor:
     ``"tensorrt"``, ``"cuda"``, ``"cpu"`` (default: TensorRT, CUDA, CPU, whichever are installed).
     ``threads`` caps onnxruntime's intra-op threads (default: all cores); ``spin=False`` lets them sleep
     between ops instead of busy-waiting, for cores shared with other processes (a server's).
+    ``streams``: how many calls run at once, sharing the ``threads`` (see ``create_session``).
     """
 
     def __init__(self, model: str | Path | bytes, *, providers: list[Provider] | None = None,
-                 threads: int | None = None, top_k: int = 5, spin: bool = True):
+                 threads: int | None = None, top_k: int = 5, spin: bool = True, streams: int = 1):
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, got {top_k}")
         self.source = "the model bytes" if isinstance(model, bytes) else str(model)
-        self.session = create_session(model, providers, threads, spin)
+        self.session = create_session(model, providers, threads, spin, streams)
         self.metadata: ModelMetadata = session_metadata(self.session, self.source)
         self.top_k = top_k
         if self.metadata.output not in ("logits", "embedding"):

@@ -51,17 +51,17 @@ class ModelFile:
                 raise UsageError(f"model file not found: {part}")
         return cls(path.name, {part.name: part.read_bytes() for part in parts})
 
-    def predictor(self, threads: int | None = None, spin: bool = True):
+    def predictor(self, threads: int | None = None, spin: bool = True, streams: int = 1):
         """A ``Predictor`` on these bytes. An IR is written to a private temporary folder that is removed
         once OpenVINO has read it (it maps the weights; the mapping outlives the file on Linux)."""
         from twins_deploy.runtime import Predictor
 
         if len(self.files) == 1:
-            return Predictor(self.files[self.name], providers=["cpu"], threads=threads, spin=spin)
+            return Predictor(self.files[self.name], providers=["cpu"], threads=threads, spin=spin, streams=streams)
         with tempfile.TemporaryDirectory(prefix="twins-deploy-ir-") as folder:
             for name, data in self.files.items():
                 (Path(folder) / name).write_bytes(data)
-            return Predictor(Path(folder) / self.name, providers=["cpu"], threads=threads)
+            return Predictor(Path(folder) / self.name, providers=["cpu"], threads=threads, streams=streams)
 
     def describe(self, name: str | None = None) -> ServedModel:
         """Load the file once (one thread) to check that it serves, and say what it is."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from twins_deploy.errors import UsageError
 
 MAX_IMAGES_PER_REQUEST = 64  # one request may carry several images (multipart, or a v2 batch); this many at most
-AUTO_BATCHES = (1, 2, 4, 8)  # what a replica times at start when --max-batch is not given: the most images/s wins
+# what a replica times at start when --max-batch is not given: the smallest within 5% of the most images/s wins
+AUTO_BATCHES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,9 @@ class ServeOptions:
 
     ``replicas`` is a fixed replica count; ``min_replicas``/``max_replicas`` turn on Serve's autoscaling
     instead. ``threads`` is each replica's engine threads (default: the CPUs a replica reserves;
-    ``twins-deploy serve`` on a local Ray shares the machine's CPUs between the replicas).
+    ``twins-deploy serve`` on a local Ray shares the machine's CPUs between the replicas). ``streams`` is
+    how many batches a replica runs at once, sharing those threads (default: one thread each, the most
+    images per second on a CPU; ``streams=1`` gives each batch every thread, the lowest latency).
     """
 
     name: str | None = None  # the model name in URLs; default: the file's model name
@@ -23,7 +26,8 @@ class ServeOptions:
     min_replicas: int | None = None
     max_replicas: int | None = None
     threads: int | None = None
-    max_batch: int | None = None  # images per engine call (None: the best of AUTO_BATCHES, timed at start)
+    streams: int | None = None
+    max_batch: int | None = None  # images per engine call (None: chosen of AUTO_BATCHES, timed at start)
     batch_wait_ms: float = 2.0
     max_queued: int = 64  # requests each replica queues beyond a batch, and again in front of the replicas; then 503
     max_body_mb: float = 16.0  # request bodies over this: 413, refused from the Content-Length header
@@ -37,8 +41,13 @@ class ServeOptions:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{_flag(key)} must be a whole number of at least 1, got {value!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise UsageError(f"--threads must be a whole number of at least 1, got {self.threads!r}")
+        for key in ("threads", "streams"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UsageError(f"{_flag(key)} must be a whole number of at least 1, got {value!r}")
+        if self.streams and self.threads and self.streams > self.threads:
+            raise UsageError(f"--streams ({self.streams}) cannot exceed --threads ({self.threads}): each stream "
+                             "needs a thread")
         if self.batch_wait_ms < 0:
             raise UsageError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
         if self.max_body_mb <= 0:
@@ -58,9 +67,18 @@ class ServeOptions:
         return self.threads or max(1, int(self.replica_cpus))
 
     @property
+    def engine_streams(self) -> int:
+        return min(self.streams or self.engine_threads, self.engine_threads)
+
+    @property
     def largest_batch(self) -> int:
         """The most images one engine call may take."""
         return self.max_batch or max(AUTO_BATCHES)
+
+    @property
+    def running_at_once(self) -> int:
+        """The most images a replica runs at once: a batch on every stream."""
+        return self.largest_batch * self.engine_streams
 
     @property
     def max_body_bytes(self) -> int:
@@ -70,7 +88,7 @@ class ServeOptions:
         if self.min_replicas is None:
             return None
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.largest_batch}
+                "target_ongoing_requests": self.running_at_once}
 
 
 def _flag(key: str) -> str:

@@ -85,7 +85,8 @@ def run_server(model: str | Path, options: ServeOptions, listen: Listen, *, addr
             engine = handles.call(lambda: serve.get_deployment_handle("model", APP_NAME).describe.remote())
             chosen = "" if options.max_batch else " (timed at start)"
             log(f"model replicas: {options.min_replicas or options.replicas} x {', '.join(engine['providers'])}, "
-                f"{engine['threads']} threads, up to {engine['max_batch']} images per call{chosen}")
+                f"{engine['threads']} threads, {engine['streams']} batches at once of up to {engine['max_batch']} "
+                f"images{chosen}")
             base = f"http://{listen.host}:{listen.port}"
             log(f"serving {served.name} from {Path(model).name}: {base}/v1/models/{served.name}/predict "
                 f"(v2: {base}/v2/models/{served.name}/infer)")
@@ -119,6 +120,9 @@ def throughput_optimized(listen: Listen, message_bytes: int) -> int:
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(listen.port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(listen.port + 1),
         "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(message_bytes),
+        # Serve holds a stopping ingress open 30 s for a load balancer to deregister it; none is in front
+        # here, and the ingress has already drained (503 to new requests, those in flight answered)
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
     })
     with socket.socket() as probe:
         probe.bind((listen.host, 0))
