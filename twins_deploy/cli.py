@@ -740,8 +740,7 @@ def serve(
     replica_cpus: Annotated[float, typer.Option(help="Ray CPUs each model replica reserves.")] = 1.0,
     max_batch: Annotated[Optional[int], typer.Option(
         help="Images per engine call: Serve's dynamic batching gathers concurrent requests up to this (default: "
-             "the smallest of 1, 2, 4, 8 within 5% of the most images/s, timed when a replica starts on "
-             "batches of every size up to it).")] = None,
+             "the smallest of 1, 2, 4, 8 within 5% of the most images/s, timed when a replica starts).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill, in ms.")] = 2.0,
     max_queued: Annotated[int, typer.Option(help="Requests each replica queues beyond a batch, and as many "
                                                  "again in front of the replicas; past that: 503 with "

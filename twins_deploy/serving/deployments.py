@@ -60,18 +60,15 @@ class TwinsModel:
         self.predictor.run(np.zeros((size, *self.predictor.input_shape), np.float32))
 
     def _fastest_batch(self) -> int:
-        """The smallest ``--max-batch`` of ``AUTO_BATCHES`` within 5% of the most images per second, timed as
-        Serve will feed the engine: every stream busy with batches of each size up to it in turn (an OpenVINO
-        IR compiled per batch size runs mixed sizes far slower than one size: svt-s int8, 2 streams, sizes
-        1-4 mixed 46-52 img/s, 4 alone 67-70). A bigger batch only adds latency unless it pays."""
-        for size in range(1, max(AUTO_BATCHES) + 1):  # an OpenVINO IR compiles each size on first use
-            self._run_zeros(size)
+        """The smallest batch size of ``AUTO_BATCHES`` within 5% of the most images per second on this
+        replica's engine, every stream busy (3 calls each): a bigger batch only adds latency unless it pays
+        (fp32 on a CPU peaks at 1 or 2, an OpenVINO int8 model higher)."""
         rates = {}
-        for largest in AUTO_BATCHES:
-            sizes = list(range(1, largest + 1)) * max(1, 4 // largest)
+        for size in AUTO_BATCHES:
+            self._run_zeros(size)
             started = time.perf_counter()
-            list(self._engine_threads.map(lambda _: [self._run_zeros(size) for size in sizes], range(self.streams)))
-            rates[largest] = self.streams * sum(sizes) / (time.perf_counter() - started)
+            list(self._engine_threads.map(lambda _: [self._run_zeros(size) for _ in range(3)], range(self.streams)))
+            rates[size] = 3 * self.streams * size / (time.perf_counter() - started)
         return min(size for size, rate in rates.items() if rate >= 0.95 * max(rates.values()))
 
     def describe(self) -> dict:
