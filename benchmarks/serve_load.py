@@ -523,12 +523,14 @@ def main() -> None:
             try:
                 result["start_s"] = round(server.start(args.start_timeout), 1)
                 log(f"  ready in {result['start_s']} s on 127.0.0.1:{port}")
-                said = [line for line in server.tail(20).split(" | ") if line.startswith("model replicas:")]
-                if said:  # what serve chose: threads, streams, the batch size timed at start
-                    result["replicas"] = said[0]
-                    log(f"  {said[0]}")
                 url = f"http://127.0.0.1:{port}/v1/models/{name}/predict"
                 result["levels"] = load_levels(url, image, levels, args.requests, args.level_timeout, expected_top1)
+                # what serve chose (threads, streams, the batch size timed at start): printed once the app is
+                # ready, which can be after the health check first answers, so read once the load is done
+                said = [line for line in server.tail(40).split(" | ") if line.startswith("model replicas:")]
+                if said:
+                    result["replicas"] = said[0]
+                    log(f"  {said[0]}")
             except RuntimeError as exc:
                 result["error"] = str(exc)
                 log(f"  {exc}")

@@ -61,6 +61,8 @@ def create_session(model: str | Path | bytes, providers: list[Provider] | None =
     call gets ``threads // streams`` of them, OpenVINO runs that many streams. On a small CPU, one
     thread per call does more images per second than calls that each spread over every core (svt-s fp32,
     2 vCPUs: 1.1-1.3x), at the cost of each call's latency."""
+    if streams < 1:
+        raise UsageError(f"streams must be at least 1, got {streams}")
     if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".xml":
         if providers and any((p[0] if isinstance(p, tuple) else p).lower() not in ("cpu", "openvino")
                              for p in providers):
@@ -72,8 +74,6 @@ def create_session(model: str | Path | bytes, providers: list[Provider] | None =
     providers = resolve_providers(providers)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if streams < 1:
-        raise UsageError(f"streams must be at least 1, got {streams}")
     options.intra_op_num_threads = max(1, (threads or os.cpu_count() or 1) // streams)
     if not spin:  # threads sleep between ops instead of busy-waiting: for cores shared with other processes
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -132,7 +132,8 @@ class OpenVinoSession:
         self._props = {key: value.astype(str) for key, value in section.items()}
         precision = "bf16" if self._props.get("precision") in ("bf16", "int8") else "f32"
         self._config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": str(streams),
-                        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1)}
+                        "INFERENCE_PRECISION_HINT": precision,
+                        "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1)}
         self._inputs = [_Port(p) for p in model.inputs]
         self._outputs = [_Port(p) for p in model.outputs]
         self._per_batch = model.inputs[0].get_partial_shape()[0].is_dynamic

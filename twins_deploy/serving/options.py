@@ -35,15 +35,11 @@ class ServeOptions:
     replica_cpus: float = 1.0  # Ray CPUs each model replica reserves
 
     def __post_init__(self) -> None:
-        for key in ("replicas", "max_batch", "max_queued", "top_k"):
+        for key in ("replicas", "max_batch", "max_queued", "top_k", "threads", "streams"):
             value = getattr(self, key)
-            if key == "max_batch" and value is None:
+            if value is None and key in ("max_batch", "threads", "streams"):  # None: chosen for the replica
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"{_flag(key)} must be a whole number of at least 1, got {value!r}")
-        for key in ("threads", "streams"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UsageError(f"{_flag(key)} must be a whole number of at least 1, got {value!r}")
         if self.streams and self.threads and self.streams > self.threads:
             raise UsageError(f"--streams ({self.streams}) cannot exceed --threads ({self.threads}): each stream "
