@@ -44,7 +44,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -122,9 +121,10 @@ def request_image(path: Path | None) -> bytes:
 # --- servers: started here, on 127.0.0.1, stopped with SIGTERM ------------------------------------
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that a starting Ray does not take (its processes bind ephemeral ports)."""
+    from twins_deploy.raylocal import port_ray_leaves_free
+
+    return port_ray_leaves_free(pairs=True)
 
 
 def twins_deploy_command() -> list[str]:

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,15 @@ from pathlib import Path
 import psutil
 from PIL import Image
 
+from twins_deploy.raylocal import port_ray_leaves_free
+
 HOST = "127.0.0.1"
 START_SECONDS = 180  # a local Ray and Serve start in about 20 s on two busy cores
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+    """A port for the server, its direct ingress's second port free too, where Ray's own processes do not bind."""
+    return port_ray_leaves_free(HOST, pairs=True)
 
 
 @dataclass

@@ -88,6 +88,22 @@ def test_a_busy_port_is_one_line_before_ray_starts(tiny_svt_onnx):
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in lines[0], lines
 
 
+def test_ports_we_pick_are_outside_the_ranges_a_starting_ray_binds(monkeypatch):
+    """Serve's fallback proxy once lost the port a bind-to-0 probe returned to a Ray process starting beside it:
+    ports we pick lie between Ray's worker ports and the kernel's ephemeral range, and are free (both, for pairs)."""
+    from twins_deploy import raylocal
+
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = raylocal.port_ray_leaves_free(pairs=True)
+        assert raylocal.RAY_WORKER_PORTS_END <= port < port + 1 < ephemeral_start
+        assert raylocal.bind_error(HOST, port) is None and raylocal.bind_error(HOST, port + 1) is None
+    monkeypatch.setattr(raylocal.random, "randrange", lambda n: 0)  # probe from the range's first port
+    with socket.socket() as taken:
+        taken.bind((HOST, raylocal.RAY_WORKER_PORTS_END))
+        assert raylocal.port_ray_leaves_free() == raylocal.RAY_WORKER_PORTS_END + 1
+
+
 def test_an_openvino_ir_ships_as_bytes_and_runs_from_them(tiny_svt_onnx, tmp_path):
     """Replicas get the IR's .xml and .bin as bytes; the Predictor made from them equals the one on the files."""
     from twins_deploy.engines.openvino_backend import build_ir

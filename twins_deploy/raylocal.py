@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from typing import Iterator
 
@@ -16,6 +17,7 @@ from twins_deploy.errors import UsageError
 
 LOOPBACK = "127.0.0.1"
 PROBE_SECONDS = 5  # a Ray address that does not answer a TCP connection in this long is refused at once
+RAY_WORKER_PORTS_END = 20000  # Ray's workers take ports 10002-19999 by default
 
 
 def require_ray(extra: str, local: bool = False):
@@ -71,6 +73,32 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, extr
         yield ray
     finally:
         ray.shutdown()
+
+
+def port_ray_leaves_free(host: str = LOOPBACK, *, pairs: bool = False) -> int:
+    """A free port on ``host`` that a starting Ray will not take: between Ray's worker ports and the kernel's
+    ephemeral range, where Ray's other processes bind (port 0). A probe bound to port 0 returns an ephemeral
+    port, and Ray once took one such port before Serve's proxy could bind it ("Address already in use").
+    ``pairs``: the next port is free too (a direct ingress is given ``port`` and ``port + 1``)."""
+    ephemeral_start = 32768
+    with contextlib.suppress(OSError, ValueError):  # Linux says where its range starts; elsewhere it is higher
+        ephemeral_start = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    candidates = list(range(RAY_WORKER_PORTS_END, ephemeral_start - 1))
+    start = random.randrange(len(candidates))  # two servers starting at once rarely probe the same port first
+    for port in candidates[start:] + candidates[:start]:
+        if not any(bind_error(host, p) for p in ((port, port + 1) if pairs else (port,))):
+            return port
+    raise UsageError(f"no free port on {host} between {RAY_WORKER_PORTS_END} and {ephemeral_start}")
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be listened on now, or None when it can."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
 
 
 def keep_replica_on_loopback() -> None:

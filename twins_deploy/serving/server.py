@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +113,11 @@ def throughput_optimized(listen: Listen, message_bytes: int) -> int:
     ingress replica itself listens on ``listen.port`` (direct ingress: no proxy process on the way),
     deployments talk over gRPC (no object store for a batch), user code and the router run on the
     replica's own event loop. Measured on 2 vCPUs: svt-s fp32 went from 12.7 to 17-19 img/s at concurrency 32.
-    Serve keeps its proxy on the head node as a fallback; it gets a free loopback port, returned here.
+    Serve keeps its proxy on the head node as a fallback; it gets a free port Ray leaves alone, returned here.
     ``message_bytes``: the largest call the ingress makes to the model (gRPC's default limit is 4 MB).
     Only for a private local Ray: set in the environment its processes inherit."""
+    from twins_deploy.raylocal import port_ray_leaves_free
+
     check_port_free(listen.host, listen.port)
     os.environ.update({
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -127,9 +128,7 @@ def throughput_optimized(listen: Listen, message_bytes: int) -> int:
         # here, and the ingress has already drained (503 to new requests, those in flight answered)
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
     })
-    with socket.socket() as probe:
-        probe.bind((listen.host, 0))
-        return probe.getsockname()[1]
+    return port_ray_leaves_free(listen.host)
 
 
 def largest_message(served: ServedModel, options: ServeOptions) -> int:
@@ -154,11 +153,10 @@ class _DriverHandles:
 
 
 def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
+    from twins_deploy.raylocal import bind_error
+
+    if exc := bind_error(host, port):
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port")
 
 
 @contextlib.contextmanager
