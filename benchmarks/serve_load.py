@@ -18,10 +18,12 @@ with SIGTERM before the next one starts):
 
 Load: a closed loop of C clients (asyncio, aiohttp, keep-alive) at each concurrency of ``--levels``;
 each POSTs one JPEG to ``/v1/models/NAME/predict`` (``content-type: image/jpeg``), waits for its
-JSON 200 and sends the next, until ``--requests`` requests are answered (after ``2*C`` warm-up
-requests, at least 8); each level also stops at ``--level-timeout`` seconds. Every answer's top-1
-class is checked against the Predictor's on the same image. Throughput counts answered requests
-(200) over the level's wall time; p50/p99 are client-side latencies.
+JSON 200 and sends the next, without a pause: ``2*C`` warm-up answers (at least 8), then
+``--requests`` measured ones, then C more so that every measured answer comes while all C clients
+are busy (the steady state; the ramp and the drain are not measured); each level also stops at
+``--level-timeout`` seconds. Every answer's top-1 class is checked against the Predictor's on the
+same image. Throughput counts the measured answers (200) over the time from the last warm-up answer
+to the last measured one; p50/p99 are client-side latencies of the measured requests.
 
 Threads: each serve replica runs ``--threads`` engine threads (``--replicas`` of them); the hand
 server and the in-process engine get ``replicas x threads``, the same engine threads in total.
@@ -215,8 +217,11 @@ def hand_server(engine: str, port: int, threads: int, name: str) -> None:
 
 async def closed_loop(url: str, image: bytes, concurrency: int, requests: int, warmup: int,
                       deadline_s: float) -> dict:
-    """``requests`` answered requests from ``concurrency`` clients that each send the next request
-    when the last one is answered (after ``warmup`` unmeasured ones); stops early at ``deadline_s``."""
+    """``concurrency`` clients that each send the next request when the last one is answered, without a pause:
+    the first ``warmup`` answers are not measured, the next ``requests`` are, and ``concurrency`` more are sent
+    so that every measured answer comes while all clients are busy (the steady state: a run that drained
+    before and after its measured requests counted the ramp and the tail of a batching server). Stops early
+    at ``deadline_s``; every answer of the run is checked, the measured ones give throughput and latency."""
     import aiohttp
 
     headers = {"content-type": "image/jpeg"}
@@ -224,46 +229,45 @@ async def closed_loop(url: str, image: bytes, concurrency: int, requests: int, w
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) \
             as session:
 
-        async def one() -> tuple[float, object, bytes]:
+        async def one() -> tuple[float, float, object, bytes]:
             started = time.perf_counter()
             try:
                 async with session.post(url, data=image, headers=headers) as response:
                     body = await response.read()
                     status = response.status
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                return time.perf_counter() - started, type(exc).__name__, b""
-            return time.perf_counter() - started, status, body
+                status, body = type(exc).__name__, b""
+            finished = time.perf_counter()
+            return finished, finished - started, status, body
 
-        async def run(count: int, stop_at: float) -> list[tuple[float, object, bytes]]:
-            tickets, results = iter(range(count)), []
+        tickets, results = iter(range(warmup + requests + concurrency)), []
+        stop_at = time.perf_counter() + deadline_s
 
-            async def client() -> None:
-                for _ in tickets:
-                    if time.perf_counter() > stop_at:
-                        return
-                    results.append(await one())
+        async def client() -> None:
+            for _ in tickets:
+                if time.perf_counter() > stop_at:
+                    return
+                results.append(await one())
 
-            await asyncio.gather(*(client() for _ in range(concurrency)))
-            return results
-
-        level_start = time.perf_counter()
-        await run(warmup, level_start + deadline_s)
         started = time.perf_counter()
-        results = await run(requests, level_start + deadline_s)
-        wall = time.perf_counter() - started
+        await asyncio.gather(*(client() for _ in range(concurrency)))
 
-    answered = [(latency, body) for latency, status, body in results if status == 200]
+    results.sort(key=lambda result: result[0])
+    window_start = results[warmup - 1][0] if 0 < warmup <= len(results) else started
+    measured = results[warmup:warmup + requests]
+    wall = (measured[-1][0] - window_start) if measured else 0.0
+    answered = [(latency, body) for _, latency, status, body in measured if status == 200]
     failures: dict[str, int] = {}
-    for _, status, _ in results:
+    top1: dict[str, int] = {}
+    for _, _, status, body in results:  # every answer of the run, measured or not, must be right
         if status != 200:
             failures[str(status)] = failures.get(str(status), 0) + 1
-    top1: dict[str, int] = {}
-    for _, body in answered:
-        key = _top1(body)
-        top1[key] = top1.get(key, 0) + 1
+        else:
+            key = _top1(body)
+            top1[key] = top1.get(key, 0) + 1
     latencies = np.asarray([latency for latency, _ in answered]) * 1e3
-    return {"concurrency": concurrency, "requests": len(results), "answered": len(answered), "failures": failures,
-            "timed_out": len(results) < requests, "wall_s": round(wall, 3),
+    return {"concurrency": concurrency, "requests": len(measured), "answered": len(answered), "failures": failures,
+            "sent": len(results), "timed_out": len(measured) < requests, "wall_s": round(wall, 3),
             "throughput_img_per_s": len(answered) / wall if wall > 0 else 0.0,
             **_latency_stats(latencies), "top1_classes": top1}
 

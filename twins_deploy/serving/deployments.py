@@ -36,7 +36,9 @@ def _images(batches: list[np.ndarray]) -> int:
     return sum(len(batch) for batch in batches)
 
 
-@serve.deployment(name="model", health_check_period_s=2.0, health_check_timeout_s=10.0)
+# no access log: a line per call for what the ingress's own log already says
+@serve.deployment(name="model", health_check_period_s=2.0, health_check_timeout_s=10.0,
+                  logging_config={"enable_access_log": False})
 class TwinsModel:
     """One engine (onnxruntime or OpenVINO) behind Serve's dynamic batching: ``streams`` batches at once,
     sharing ``threads`` threads."""
@@ -109,16 +111,28 @@ class _Traffic:
 _traffic = _Traffic()
 
 
-@api.middleware("http")
-async def _count_requests(request: Request, call_next):
-    if _traffic.draining:
-        return JSONResponse({"error": "the server is shutting down"}, status_code=503,
-                            headers={"Retry-After": "5", "Connection": "close"})
-    _traffic.in_flight += 1
-    try:
-        return await call_next(request)
-    finally:
-        _traffic.in_flight -= 1
+class _CountRequests:
+    """Counts the requests in flight and refuses new ones (503) while draining. Plain ASGI: Starlette's
+    ``@app.middleware("http")`` runs every response through a stream of its own."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if _traffic.draining:
+            refused = JSONResponse({"error": "the server is shutting down"}, status_code=503,
+                                   headers={"Retry-After": "5", "Connection": "close"})
+            return await refused(scope, receive, send)
+        _traffic.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _traffic.in_flight -= 1
+
+
+api.add_middleware(_CountRequests)
 
 
 async def _drain(timeout_s: float) -> int:
