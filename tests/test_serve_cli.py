@@ -121,6 +121,32 @@ def test_an_openvino_ir_ships_as_bytes_and_runs_from_them(tiny_svt_onnx, tmp_pat
                                atol=1e-6)
 
 
+def test_an_engine_call_alone_gets_every_thread_and_calls_at_once_share_them(tiny_svt_onnx):
+    """A replica's first call at low load runs on a session with every thread; one that starts while another
+    runs takes a stream's share. Answers equal the Predictor's either way."""
+    import asyncio
+
+    from twins_deploy.runtime import Predictor
+    from twins_deploy.serving.deployments import EngineCalls
+    from twins_deploy.serving.model_file import ModelFile
+
+    engine = EngineCalls(ModelFile.read(tiny_svt_onnx), threads=2, streams=2)
+    threads = {name: predictor.session.get_session_options().intra_op_num_threads
+               for name, predictor in (("alone", engine.alone), ("sharing", engine.sharing))}
+    assert threads == {"alone": 2, "sharing": 1}
+    images = np.random.default_rng(0).standard_normal((3, *engine.sharing.input_shape)).astype(np.float32)
+
+    async def calls():
+        first = await engine.run(images[:1])  # nothing else running: alone
+        return [first, *await asyncio.gather(engine.run(images[1:2]), engine.run(images[2:]))]  # alone, sharing
+
+    outputs = asyncio.run(calls())
+    assert engine.calls == {"alone": 2, "sharing": 1}
+    np.testing.assert_allclose(np.concatenate(outputs), Predictor(tiny_svt_onnx, threads=1).run(images), atol=1e-5)
+    single = EngineCalls(ModelFile.read(tiny_svt_onnx), threads=2, streams=1)
+    assert single.alone is single.sharing
+
+
 def test_only_loopback_hosts_pass_without_a_warning():
     from twins_deploy.serving.server import is_loopback
 

@@ -36,47 +36,77 @@ def _images(batches: list[np.ndarray]) -> int:
     return sum(len(batch) for batch in batches)
 
 
+class EngineCalls:
+    """One replica's engine calls: ``streams`` at once on a pool of as many threads, sharing ``threads``.
+    A call that starts while no other runs gets a predictor with every thread instead: at low load a
+    request then waits for one call on the whole machine, not on one stream's share (svt-s int8 at batch 1,
+    2 threads: 17 ms rather than 34)."""
+
+    def __init__(self, model: ModelFile, threads: int, streams: int):
+        self.threads, self.streams = threads, streams
+        # spin=False: the cores are the HTTP path's too; a call alone spins, its threads wait on each other
+        self.sharing = model.predictor(threads=threads, spin=False, streams=streams)
+        self.alone = model.predictor(threads=threads) if streams > 1 else self.sharing
+        self.calls = {"alone": 0, "sharing": 0}
+        self._running = 0  # calls in flight; read and written on the caller's event loop only
+        self._pool = ThreadPoolExecutor(streams, thread_name_prefix="engine")
+
+    async def run(self, batch: np.ndarray) -> np.ndarray:
+        alone = self._running == 0
+        self.calls["alone" if alone else "sharing"] += 1
+        self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, (self.alone if alone else self.sharing).run, batch)
+        finally:
+            self._running -= 1
+
+    def warm_up(self, largest_batch: int) -> None:
+        """Every batch size once on each predictor, before traffic: an OpenVINO IR compiles once per size."""
+        for size in range(1, largest_batch + 1):
+            for predictor in (self.alone, self.sharing):  # the same one twice when streams is 1
+                predictor.run(self._zeros(size))
+
+    def fastest_batch(self) -> int:
+        """The smallest batch size of ``AUTO_BATCHES`` within 5% of the most images per second with every
+        stream busy (3 calls each): a bigger batch only adds latency unless it pays (fp32 on a CPU peaks at
+        1 or 2, an OpenVINO int8 model higher)."""
+        rates = {}
+        for size in AUTO_BATCHES:
+            batch = self._zeros(size)
+            self.sharing.run(batch)
+            started = time.perf_counter()
+            list(self._pool.map(lambda _: [self.sharing.run(batch) for _ in range(3)], range(self.streams)))
+            rates[size] = 3 * self.streams * size / (time.perf_counter() - started)
+        return min(size for size, rate in rates.items() if rate >= 0.95 * max(rates.values()))
+
+    def _zeros(self, size: int) -> np.ndarray:
+        return np.zeros((size, *self.sharing.input_shape), np.float32)
+
+
 # no access log: a line per call for what the ingress's own log already says
 @serve.deployment(name="model", health_check_period_s=2.0, health_check_timeout_s=10.0,
                   logging_config={"enable_access_log": False})
 class TwinsModel:
     """One engine (onnxruntime or OpenVINO) behind Serve's dynamic batching: ``streams`` batches at once,
-    sharing ``threads`` threads."""
+    sharing ``threads`` threads (``EngineCalls``)."""
 
     def __init__(self, model: ModelFile, options: ServeOptions):
         keep_replica_on_loopback()
         self.replica_id = serve.get_replica_context().replica_id.unique_id  # answered in a response header
-        self.threads, self.streams = options.engine_threads, options.engine_streams
-        # spin=False: the cores are the HTTP path's too
-        self.predictor = model.predictor(threads=self.threads, spin=False, streams=self.streams)
-        self._engine_threads = ThreadPoolExecutor(self.streams, thread_name_prefix="engine")
-        self.max_batch = options.max_batch or self._fastest_batch()
+        self.engine = EngineCalls(model, options.engine_threads, options.engine_streams)
+        self.max_batch = options.max_batch or self.engine.fastest_batch()
         # a batch counts images, not requests
         self.run_batch = serve.batch(self._run_batch, max_batch_size=self.max_batch,
                                      batch_wait_timeout_s=options.batch_wait_ms / 1000,
-                                     max_concurrent_batches=self.streams, batch_size_fn=_images)
-        for size in range(1, self.max_batch + 1):  # before the replica takes traffic: an OpenVINO IR compiles
-            self._run_zeros(size)  # once per batch size
-
-    def _run_zeros(self, size: int) -> None:
-        self.predictor.run(np.zeros((size, *self.predictor.input_shape), np.float32))
-
-    def _fastest_batch(self) -> int:
-        """The smallest batch size of ``AUTO_BATCHES`` within 5% of the most images per second on this
-        replica's engine, every stream busy (3 calls each): a bigger batch only adds latency unless it pays
-        (fp32 on a CPU peaks at 1 or 2, an OpenVINO int8 model higher)."""
-        rates = {}
-        for size in AUTO_BATCHES:
-            self._run_zeros(size)
-            started = time.perf_counter()
-            list(self._engine_threads.map(lambda _: [self._run_zeros(size) for _ in range(3)], range(self.streams)))
-            rates[size] = 3 * self.streams * size / (time.perf_counter() - started)
-        return min(size for size, rate in rates.items() if rate >= 0.95 * max(rates.values()))
+                                     max_concurrent_batches=self.engine.streams, batch_size_fn=_images)
+        self.engine.warm_up(self.max_batch)
 
     def describe(self) -> dict:
-        """What this replica runs: the engine, its threads and the batch size it takes."""
-        return {"providers": self.predictor.providers, "threads": self.threads, "streams": self.streams,
-                "max_batch": self.max_batch}
+        """What this replica runs: the engine, its threads and the batch size it takes; how many engine calls
+        ran alone on every thread and how many shared them."""
+        return {"providers": self.engine.sharing.providers, "threads": self.engine.threads,
+                "streams": self.engine.streams, "max_batch": self.max_batch, "calls": dict(self.engine.calls)}
 
     def ready(self) -> bool:
         """Answers once the engine is loaded: the ingress's readiness probe, without an inference."""
@@ -93,8 +123,7 @@ class TwinsModel:
         """The engine on requests Serve gathered (``self.run_batch``, batched in ``__init__``)."""
         sizes = np.cumsum([len(batch) for batch in batches])[:-1]
         joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
-        outputs = await asyncio.get_running_loop().run_in_executor(self._engine_threads, self.predictor.run, joined)
-        return np.split(outputs, sizes)
+        return np.split(await self.engine.run(joined), sizes)
 
 
 api = FastAPI(title="twins-deploy", docs_url=None, redoc_url=None, openapi_url=None)
