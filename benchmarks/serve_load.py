@@ -4,8 +4,10 @@
     python benchmarks/serve_load.py --model svt-s --weights random --engine best   # our best CPU engine
     python benchmarks/serve_load.py --engine svt-s-224x224.onnx --requests 300 --levels 1,8,32
 
-On one engine file, one server at a time (each started here as a subprocess on 127.0.0.1, stopped
-with SIGTERM before the next one starts):
+On one engine file, every server started here as a subprocess on 127.0.0.1 before the first round
+and stopped with SIGTERM after the last; in each of ``--rounds`` rounds every server runs each level
+in turn (one at a time, the others idle) and (d) its sweep, so that a host whose speed drifts moves
+every server alike: figures are medians over rounds, ratios are taken per round:
 
 - (a) ``serve``: ``twins-deploy serve ENGINE`` with its dynamic batching (its defaults);
 - (b) ``serve-b1``: the same with ``--max-batch 1`` (no batching);
@@ -30,8 +32,8 @@ server and the in-process engine get ``replicas x threads``, the same engine thr
 The load generator runs in this process and shares the CPUs with the server: on a small machine
 its cost is part of every HTTP figure (and not of (d)).
 
-Checks (issue 16): floor: (a) > (c) in images/s at concurrency 32, and (a) >= 0.8x (d);
-goal: (a) >= 0.9x (d) at concurrency 32, and (a)'s p99 at concurrency 1 within 10 ms of the
+Checks (issue 16), on the median of the per-round ratios: floor: (a) > (c) in images/s at
+concurrency 32, and (a) >= 0.8x (d); goal: (a) >= 0.9x (d) at concurrency 32, and (a)'s p99 at concurrency 1 within 10 ms of the
 engine's own batch-1 p99. JSON (``--out``) and a Markdown table beside it (``.md``).
 """
 from __future__ import annotations
@@ -288,19 +290,36 @@ def _latency_stats(latencies_ms: np.ndarray) -> dict:
             "latency_ms_mean": float(latencies_ms.mean()), "latency_ms_max": float(latencies_ms.max())}
 
 
-def load_levels(url: str, image: bytes, levels: list[int], requests: int, deadline_s: float,
-                expected_top1: int) -> list[dict]:
-    rows = []
-    for concurrency in levels:
-        row = asyncio.run(closed_loop(url, image, concurrency, requests, max(8, 2 * concurrency), deadline_s))
-        row["wrong_top1"] = sum(count for key, count in row["top1_classes"].items() if key != str(expected_top1))
-        rows.append(row)
-        log(f"  c={concurrency:<3} {row['throughput_img_per_s']:7.1f} img/s  p50 {_ms(row['latency_ms_p50'])}  "
-            f"p99 {_ms(row['latency_ms_p99'])}  answered {row['answered']}/{row['requests']}"
-            + (f"  failures {row['failures']}" if row["failures"] else "")
-            + (f"  wrong top-1 {row['wrong_top1']}" if row["wrong_top1"] else "")
-            + ("  (stopped at --level-timeout)" if row["timed_out"] else ""))
-    return rows
+def load_level(url: str, image: bytes, concurrency: int, requests: int, deadline_s: float, expected_top1: int,
+               label: str) -> dict:
+    row = asyncio.run(closed_loop(url, image, concurrency, requests, max(8, 2 * concurrency), deadline_s))
+    row["wrong_top1"] = sum(count for key, count in row["top1_classes"].items() if key != str(expected_top1))
+    log(f"  {label:<9} c={concurrency:<3} {row['throughput_img_per_s']:7.1f} img/s  p50 {_ms(row['latency_ms_p50'])}"
+        f"  p99 {_ms(row['latency_ms_p99'])}  answered {row['answered']}/{row['requests']}"
+        + (f"  failures {row['failures']}" if row["failures"] else "")
+        + (f"  wrong top-1 {row['wrong_top1']}" if row["wrong_top1"] else "")
+        + ("  (stopped at --level-timeout)" if row["timed_out"] else ""))
+    return row
+
+
+def combine_rounds(rows: list[dict]) -> dict:
+    """One level over its rounds: the median round's throughput and latencies, every round's throughput, and the
+    answers, failures and wrong classes of all rounds together."""
+    def median(key: str) -> float | None:
+        values = [row[key] for row in rows if row[key] is not None]
+        return float(np.median(values)) if values else None
+
+    failures: dict[str, int] = {}
+    for row in rows:
+        for status, count in row["failures"].items():
+            failures[status] = failures.get(status, 0) + count
+    return {"concurrency": rows[0]["concurrency"], "rounds": len(rows),
+            "round_throughputs": [round(row["throughput_img_per_s"], 2) for row in rows],
+            "throughput_img_per_s": median("throughput_img_per_s"), "latency_ms_p50": median("latency_ms_p50"),
+            "latency_ms_p99": median("latency_ms_p99"), "requests": sum(row["requests"] for row in rows),
+            "answered": sum(row["answered"] for row in rows), "sent": sum(row["sent"] for row in rows),
+            "failures": failures, "wrong_top1": sum(row["wrong_top1"] for row in rows),
+            "timed_out": any(row["timed_out"] for row in rows)}
 
 
 # --- (d): the engine in-process --------------------------------------------------------------------
@@ -355,6 +374,24 @@ def engine_limit(engine: Path, image: bytes, threads: int, requests: int, deadli
             "preprocess_ms_median": float(np.median(preprocess_ms))}
 
 
+def combine_engine_rounds(rounds: list[dict]) -> dict:
+    """(d) over its rounds: each setting's median images/s and latencies; the limit of a round is its best
+    setting, and the limit reported is the median of those."""
+    rows = []
+    for settings in zip(*(result["batches"] for result in rounds)):
+        rows.append({"batch": settings[0]["batch"], "streams": settings[0]["streams"],
+                     "runs": sum(row["runs"] for row in settings),
+                     "round_throughputs": [round(row["throughput_img_per_s"], 2) for row in settings],
+                     **{key: float(np.median([row[key] for row in settings]))
+                        for key in ("throughput_img_per_s", "latency_ms_p50", "latency_ms_p99")}})
+    best = max(rows, key=lambda row: row["throughput_img_per_s"])
+    limits = [result["best_throughput_img_per_s"] for result in rounds]
+    return {"threads": rounds[0]["threads"], "batches": rows, "best_batch": best["batch"],
+            "best_streams": best["streams"], "round_limits": [round(limit, 2) for limit in limits],
+            "best_throughput_img_per_s": float(np.median(limits)),
+            "preprocess_ms_median": float(np.median([result["preprocess_ms_median"] for result in rounds]))}
+
+
 # --- report ------------------------------------------------------------------------------------------
 
 def checks(results: dict, levels: list[int]) -> list[dict]:
@@ -375,14 +412,25 @@ def checks(results: dict, levels: list[int]) -> list[dict]:
         out.append({"kind": kind, "check": what, "passed": passed if measured else None,
                     "figures": figures if measured else "not measured"})
 
-    a32 = serve32["throughput_img_per_s"] if serve32 else None
-    add("floor", "(a) > (c) at concurrency 32", bool(serve32 and hand32),
-        bool(serve32 and hand32 and a32 > hand32["throughput_img_per_s"]),
-        f"{a32:.1f} vs {hand32['throughput_img_per_s']:.1f} img/s" if serve32 and hand32 else "")
+    def ratios(ours: list[float], theirs: list[float]) -> tuple[float, str]:
+        """The median of per-round ratios, and how it reads with its range (rounds run back to back)."""
+        per_round = np.asarray(ours) / np.asarray(theirs)
+        median = float(np.median(per_round))
+        return median, f"{median:.2f}x (rounds {per_round.min():.2f}-{per_round.max():.2f})"
+
+    a32 = serve32["round_throughputs"] if serve32 else None
+    if serve32 and hand32:
+        versus_hand, said = ratios(a32, hand32["round_throughputs"])
+        add("floor", "(a) > (c) at concurrency 32", True, versus_hand > 1,
+            f"{serve32['throughput_img_per_s']:.1f} vs {hand32['throughput_img_per_s']:.1f} img/s; (a)/(c) {said}")
+    else:
+        add("floor", "(a) > (c) at concurrency 32", False, False, "")
+    versus_engine = ratios(a32, engine["round_limits"]) if serve32 and limit else None
     for kind, ratio in (("floor", FLOOR_VS_ENGINE), ("goal", GOAL_VS_ENGINE)):
-        add(kind, f"(a) at concurrency 32 >= {ratio}x (d)", bool(serve32 and limit),
-            bool(serve32 and limit and a32 >= ratio * limit),
-            f"{a32:.1f} / {limit:.1f} img/s = {a32 / limit:.2f}x" if serve32 and limit else "")
+        add(kind, f"(a) at concurrency 32 >= {ratio}x (d)", versus_engine is not None,
+            bool(versus_engine and versus_engine[0] >= ratio),
+            f"{serve32['throughput_img_per_s']:.1f} / {limit:.1f} img/s; (a)/(d) {versus_engine[1]}"
+            if versus_engine else "")
     p99 = serve1["latency_ms_p99"] if serve1 else None
     add("goal", f"(a) p99 at concurrency 1 <= engine batch-1 p99 + {GOAL_P99_MARGIN_MS:g} ms",
         p99 is not None and engine_p99_b1 is not None,
@@ -407,9 +455,10 @@ def markdown(report: dict) -> str:
             for row in result["batches"]:
                 best = " best" if (row["batch"], row["streams"]) == (result["best_batch"], result["best_streams"]) \
                     else ""
+                rounds = ", ".join(f"{value:.1f}" for value in row["round_throughputs"])
                 lines.append(f"| {label} | batch {row['batch']} x {row['streams']} at once{best} | "
-                             f"{row['throughput_img_per_s']:.1f} | "
-                             f"{_ms(row['latency_ms_p50'])} | {_ms(row['latency_ms_p99'])} | {row['runs']} runs | |")
+                             f"{row['throughput_img_per_s']:.1f} | {_ms(row['latency_ms_p50'])} | "
+                             f"{_ms(row['latency_ms_p99'])} | {row['runs']} runs | rounds: {rounds} |")
             continue
         for row in result["levels"]:
             notes = []
@@ -419,6 +468,7 @@ def markdown(report: dict) -> str:
                 notes.append(f"wrong top-1: {row['wrong_top1']}")
             if row["timed_out"]:
                 notes.append("stopped at --level-timeout")
+            notes.append("rounds: " + ", ".join(f"{value:.1f}" for value in row["round_throughputs"]))
             lines.append(f"| {label} | {row['concurrency']} | {row['throughput_img_per_s']:.1f} | "
                          f"{_ms(row['latency_ms_p50'])} | {_ms(row['latency_ms_p99'])} | "
                          f"{row['answered']}/{row['requests']} | {'; '.join(notes)} |")
@@ -430,7 +480,7 @@ def markdown(report: dict) -> str:
     preprocess = report["servers"].get("engine", {}).get("preprocess_ms_median")
     footer = (f"{Path(report['engine']).name}; {report['machine'].get('cpu', '?')}; serve: {settings['replicas']} "
               f"replica(s) x {settings['threads']} threads; hand server and engine: {report['engine_threads']} "
-              f"threads; {settings['requests']} requests per level; one {report['image_bytes'] // 1024} KiB JPEG "
+              f"threads; {settings['rounds']} rounds of {settings['requests']} measured requests per level; one {report['image_bytes'] // 1024} KiB JPEG "
               "per request")
     lines += ["", footer + (f" (decode + preprocess: {preprocess:.1f} ms per image, in every HTTP figure and not "
                             "in (d))." if preprocess is not None else ".")]
@@ -466,8 +516,10 @@ def main() -> None:
     parser.add_argument("--weights", default="pretrained", help="with --model: pretrained, random or a checkpoint")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"which to run, of {', '.join(SERVERS)}")
     parser.add_argument("--levels", default="1,8,32", help="client concurrencies")
-    parser.add_argument("--requests", type=int, default=200, help="answered requests per level (and images per "
-                                                                   "engine batch size, at least 10 runs)")
+    parser.add_argument("--requests", type=int, default=200, help="measured requests per level and round (and "
+                                                                   "images per engine batch size, at least 10 runs)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds: in each, every server runs each level in turn "
+                                                              "and (d) its sweep; medians and per-round ratios")
     parser.add_argument("--replicas", type=int, default=1, help="serve's model replicas")
     parser.add_argument("--threads", type=int, help="engine threads per serve replica (default: CPUs / replicas)")
     parser.add_argument("--serve-args", default="", help="more options for both serve runs, e.g. '--batch-wait-ms 5'")
@@ -485,9 +537,9 @@ def main() -> None:
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     levels = [int(c) for c in args.levels.split(",")]
     unknown = [s for s in servers if s not in SERVERS]
-    if unknown or args.requests < 1 or min(levels) < 1 or args.replicas < 1:
+    if unknown or min(args.requests, args.rounds, args.replicas, *levels) < 1:
         parser.error(f"unknown server {unknown[0]!r} (of {', '.join(SERVERS)})" if unknown
-                     else "--requests, --levels and --replicas must be 1 or more")
+                     else "--requests, --rounds, --levels and --replicas must be 1 or more")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
     engine_threads = threads * args.replicas
     try:
@@ -510,38 +562,53 @@ def main() -> None:
     serve_base = twins_deploy_command() + ["serve", str(engine), "--host", "127.0.0.1", "--replicas",
                                            str(args.replicas), "--threads", str(threads), "--name", name]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as logs:
-        for key in servers:
-            log(f"== {SERVERS[key]}")
-            if key == "engine":
-                report["servers"][key] = engine_limit(engine, image, engine_threads, args.requests, args.level_timeout)
-                continue
-            port = free_port()
-            if key == "hand":
-                command = [sys.executable, str(Path(__file__).resolve()), "hand-server", str(engine), str(port),
-                           str(engine_threads), name]
-            else:
-                command = serve_base + ["--port", str(port), "--metrics-port", str(free_port())]
-                command += (["--max-batch", "1"] if key == "serve-b1" else []) + shlex.split(args.serve_args)
-            server = Server(key, command, port, Path(logs))
-            result: dict = {"command": shlex.join(command)}
-            try:
-                result["start_s"] = round(server.start(args.start_timeout), 1)
-                log(f"  ready in {result['start_s']} s on 127.0.0.1:{port}")
-                url = f"http://127.0.0.1:{port}/v1/models/{name}/predict"
-                result["levels"] = load_levels(url, image, levels, args.requests, args.level_timeout, expected_top1)
+        running: dict[str, Server] = {}
+        try:
+            for key in (key for key in servers if key != "engine"):  # every server up before the first round
+                port = free_port()
+                if key == "hand":
+                    command = [sys.executable, str(Path(__file__).resolve()), "hand-server", str(engine), str(port),
+                               str(engine_threads), name]
+                else:
+                    command = serve_base + ["--port", str(port), "--metrics-port", str(free_port())]
+                    command += (["--max-batch", "1"] if key == "serve-b1" else []) + shlex.split(args.serve_args)
+                server = running[key] = Server(key, command, port, Path(logs))
+                report["servers"][key] = {"command": shlex.join(command)}
+                log(f"== starting {SERVERS[key]}")
+                try:
+                    report["servers"][key]["start_s"] = round(server.start(args.start_timeout), 1)
+                    log(f"  ready in {report['servers'][key]['start_s']} s on 127.0.0.1:{port}")
+                except RuntimeError as exc:
+                    report["servers"][key]["error"] = str(exc)
+                    log(f"  {exc}")
+                    server.stop()
+                    del running[key]
+            rows: dict[str, dict[int, list[dict]]] = {key: {c: [] for c in levels} for key in running}
+            engine_rounds = []
+            for round_number in range(1, args.rounds + 1):  # each server a whole level, then the next server
+                log(f"== round {round_number} of {args.rounds}")
+                for concurrency in levels:
+                    for key, server in running.items():
+                        url = f"http://127.0.0.1:{server.port}/v1/models/{name}/predict"
+                        rows[key][concurrency].append(load_level(url, image, concurrency, args.requests,
+                                                                 args.level_timeout, expected_top1, key))
+                if "engine" in servers:
+                    engine_rounds.append(engine_limit(engine, image, engine_threads, args.requests,
+                                                      args.level_timeout))
+            for key, server in running.items():
+                report["servers"][key]["levels"] = [combine_rounds(rows[key][c]) for c in levels]
                 # what serve chose (threads, streams, the batch size timed at start): printed once the app is
                 # ready, which can be after the health check first answers, so read once the load is done
                 said = [line for line in server.tail(40).split(" | ") if line.startswith("model replicas:")]
                 if said:
-                    result["replicas"] = said[0]
-                    log(f"  {said[0]}")
-            except RuntimeError as exc:
-                result["error"] = str(exc)
-                log(f"  {exc}")
-            finally:
+                    report["servers"][key]["replicas"] = said[0]
+                    log(f"  {key}: {said[0]}")
+            if engine_rounds:
+                report["servers"]["engine"] = combine_engine_rounds(engine_rounds)
+        finally:
+            for key, server in running.items():
                 server.stop()
-                result["exit_code_after_sigterm"] = server.exit_code
-            report["servers"][key] = result
+                report["servers"][key]["exit_code_after_sigterm"] = server.exit_code
     report["checks"] = checks(report["servers"], levels)
     print(write(report, out))
     log(f"JSON: {out}; Markdown: {out.with_suffix('.md')}")

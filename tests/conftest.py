@@ -1,7 +1,9 @@
 """Shared fixtures: the golden vectors copied from the reference (tests never reach outside the repo)."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,20 @@ import pytest
 from twins_deploy.models import TwinsConfig
 
 DATA = Path(__file__).parent / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ("tiny-pcpvt", "tiny-svt")
 SIZES = ("224x224", "256x256", "224x320")
 LAYOUTS = ("safetensors", "official.pth", "mmpretrain.pth")
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module, loaded once (registered first: a script's dataclasses look themselves up
+    in ``sys.modules``)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def tiny_config(name: str) -> TwinsConfig:

@@ -3,24 +3,17 @@ reported in one line for every by-hand route (real OpenVINO on a training-mode D
 vit-flax's ``deterministic=False`` dropout)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_race.py"
+from conftest import load_benchmark
 
 
 def load_race():
-    if "cpu_race" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("cpu_race", SCRIPT)
-        sys.modules["cpu_race"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["cpu_race"])
-    return sys.modules["cpu_race"]
+    return load_benchmark("cpu_race")
 
 
 def test_a_training_mode_dropout_is_refused_for_every_route_in_one_line(tmp_path):

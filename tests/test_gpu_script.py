@@ -2,7 +2,6 @@
 error handling, and the torch engine's compile backend and CUDA-graph options that it drives."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import golden, tiny_config, tiny_weights
+from conftest import golden, load_benchmark, tiny_config, tiny_weights
 from twins_deploy.engines.torch_backend import TorchRunner
 from twins_deploy.errors import UsageError
 from twins_deploy.models import create_model
@@ -23,12 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
 
 
 def load_driver():
-    """benchmarks/gpu_run.py as a module (registered first: its dataclasses look themselves up there)."""
-    if "gpu_run" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_run", SCRIPT.with_suffix(".py"))
-        sys.modules["gpu_run"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["gpu_run"])
-    return sys.modules["gpu_run"]
+    return load_benchmark("gpu_run")
 
 
 def dry_run(out: Path, **env) -> tuple[subprocess.CompletedProcess, dict, str]:

@@ -4,26 +4,15 @@ are busy, every answer of the run is checked, and the count of requests sent is 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 from aiohttp import web
 
+from conftest import load_benchmark
 from servers import HOST
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
 PAUSE_S = 0.02
-
-
-def load_script():
-    if "serve_load" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
-        sys.modules["serve_load"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["serve_load"])
-    return sys.modules["serve_load"]
 
 
 async def _run_against_a_counting_server(concurrency: int, requests: int, warmup: int) -> tuple[dict, dict]:
@@ -49,7 +38,7 @@ async def _run_against_a_counting_server(concurrency: int, requests: int, warmup
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     try:
-        row = await load_script().closed_loop(f"http://{HOST}:{port}/predict", b"jpeg", concurrency, requests,
+        row = await load_benchmark("serve_load").closed_loop(f"http://{HOST}:{port}/predict", b"jpeg", concurrency, requests,
                                               warmup, deadline_s=30)
     finally:
         await runner.cleanup()
