@@ -4,10 +4,10 @@
     python benchmarks/serve_load.py --model svt-s --weights random --engine best   # our best CPU engine
     python benchmarks/serve_load.py --engine svt-s-224x224.onnx --requests 300 --levels 1,8,32
 
-On one engine file, every server started here as a subprocess on 127.0.0.1 before the first round
-and stopped with SIGTERM after the last; in each of ``--rounds`` rounds every server runs each level
-in turn (one at a time, the others idle) and (d) its sweep, so that a host whose speed drifts moves
-every server alike: figures are medians over rounds, ratios are taken per round:
+On one engine file, in each of ``--rounds`` rounds: every server in turn, alone on the machine
+(started here as a subprocess on 127.0.0.1, run at each level, stopped with SIGTERM), then (d)'s
+sweep; so a host whose speed drifts moves every server alike. Figures are medians over rounds, and
+ratios are taken per round:
 
 - (a) ``serve``: ``twins-deploy serve ENGINE`` with its dynamic batching (its defaults);
 - (b) ``serve-b1``: the same with ``--max-batch 1`` (no batching);
@@ -561,10 +561,16 @@ def main() -> None:
               "servers": {}, "checks": []}
     serve_base = twins_deploy_command() + ["serve", str(engine), "--host", "127.0.0.1", "--replicas",
                                            str(args.replicas), "--threads", str(threads), "--name", name]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops the server running, as Ctrl-C
+    http = [key for key in servers if key != "engine"]
+    rows: dict[str, dict[int, list[dict]]] = {key: {c: [] for c in levels} for key in http}
+    engine_rounds = []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as logs:
-        running: dict[str, Server] = {}
-        try:
-            for key in (key for key in servers if key != "engine"):  # every server up before the first round
+        for round_number in range(1, args.rounds + 1):  # each server alone on the machine, then the next
+            log(f"== round {round_number} of {args.rounds}")
+            for key in http:
+                if "error" in report["servers"].get(key, {}):
+                    continue
                 port = free_port()
                 if key == "hand":
                     command = [sys.executable, str(Path(__file__).resolve()), "hand-server", str(engine), str(port),
@@ -572,43 +578,35 @@ def main() -> None:
                 else:
                     command = serve_base + ["--port", str(port), "--metrics-port", str(free_port())]
                     command += (["--max-batch", "1"] if key == "serve-b1" else []) + shlex.split(args.serve_args)
-                server = running[key] = Server(key, command, port, Path(logs))
-                report["servers"][key] = {"command": shlex.join(command)}
-                log(f"== starting {SERVERS[key]}")
+                result = report["servers"].setdefault(key, {"command": shlex.join(command), "start_s": []})
+                server = Server(key, command, port, Path(logs))
                 try:
-                    report["servers"][key]["start_s"] = round(server.start(args.start_timeout), 1)
-                    log(f"  ready in {report['servers'][key]['start_s']} s on 127.0.0.1:{port}")
-                except RuntimeError as exc:
-                    report["servers"][key]["error"] = str(exc)
-                    log(f"  {exc}")
-                    server.stop()
-                    del running[key]
-            rows: dict[str, dict[int, list[dict]]] = {key: {c: [] for c in levels} for key in running}
-            engine_rounds = []
-            for round_number in range(1, args.rounds + 1):  # each server a whole level, then the next server
-                log(f"== round {round_number} of {args.rounds}")
-                for concurrency in levels:
-                    for key, server in running.items():
-                        url = f"http://127.0.0.1:{server.port}/v1/models/{name}/predict"
+                    result["start_s"].append(round(server.start(args.start_timeout), 1))
+                    log(f"  {key}: ready in {result['start_s'][-1]} s on 127.0.0.1:{port}")
+                    url = f"http://127.0.0.1:{port}/v1/models/{name}/predict"
+                    for concurrency in levels:
                         rows[key][concurrency].append(load_level(url, image, concurrency, args.requests,
                                                                  args.level_timeout, expected_top1, key))
-                if "engine" in servers:
-                    engine_rounds.append(engine_limit(engine, image, engine_threads, args.requests,
-                                                      args.level_timeout))
-            for key, server in running.items():
-                report["servers"][key]["levels"] = [combine_rounds(rows[key][c]) for c in levels]
-                # what serve chose (threads, streams, the batch size timed at start): printed once the app is
-                # ready, which can be after the health check first answers, so read once the load is done
-                said = [line for line in server.tail(40).split(" | ") if line.startswith("model replicas:")]
-                if said:
-                    report["servers"][key]["replicas"] = said[0]
-                    log(f"  {key}: {said[0]}")
-            if engine_rounds:
-                report["servers"]["engine"] = combine_engine_rounds(engine_rounds)
-        finally:
-            for key, server in running.items():
-                server.stop()
-                report["servers"][key]["exit_code_after_sigterm"] = server.exit_code
+                    # what serve chose (threads, streams, the batch size timed at start): printed once the app
+                    # is ready, which can be after the health check first answers, so read after the load
+                    said = [line for line in server.tail(40).split(" | ") if line.startswith("model replicas:")]
+                    if said:
+                        result.setdefault("replicas", []).append(said[0])
+                        log(f"  {key}: {said[0]}")
+                except RuntimeError as exc:
+                    result["error"] = str(exc)
+                    log(f"  {exc}")
+                finally:
+                    server.stop()
+                    result.setdefault("exit_codes_after_sigterm", []).append(server.exit_code)
+            if "engine" in servers:
+                log("  engine in-process")
+                engine_rounds.append(engine_limit(engine, image, engine_threads, args.requests, args.level_timeout))
+    for key in http:
+        if all(rows[key][c] for c in levels):
+            report["servers"][key]["levels"] = [combine_rounds(rows[key][c]) for c in levels]
+    if engine_rounds:
+        report["servers"]["engine"] = combine_engine_rounds(engine_rounds)
     report["checks"] = checks(report["servers"], levels)
     print(write(report, out))
     log(f"JSON: {out}; Markdown: {out.with_suffix('.md')}")
