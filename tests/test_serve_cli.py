@@ -147,6 +147,21 @@ def test_an_engine_call_alone_gets_every_thread_and_calls_at_once_share_them(tin
     assert single.alone is single.sharing
 
 
+def test_the_default_batch_is_one_image_on_openvino_streams_and_timed_otherwise(tiny_svt_onnx, tmp_path):
+    from twins_deploy.engines.openvino_backend import build_ir
+    from twins_deploy.serving.deployments import EngineCalls
+    from twins_deploy.serving.model_file import ModelFile
+    from twins_deploy.serving.options import AUTO_BATCHES
+
+    ir = tmp_path / "tiny.xml"
+    build_ir(tiny_svt_onnx, ir, "fp32")
+    assert EngineCalls(ModelFile.read(ir), threads=2, streams=2).default_batch() == \
+        (1, "one image per call on OpenVINO's streams")
+    for model, streams in ((ir, 1), (tiny_svt_onnx, 2)):
+        size, how = EngineCalls(ModelFile.read(model), threads=2, streams=streams).default_batch()
+        assert size in AUTO_BATCHES and how == "timed at start"
+
+
 def test_only_loopback_hosts_pass_without_a_warning():
     from twins_deploy.serving.server import is_loopback
 

@@ -44,6 +44,7 @@ class EngineCalls:
 
     def __init__(self, model: ModelFile, threads: int, streams: int):
         self.threads, self.streams = threads, streams
+        self.openvino = model.name.lower().endswith(".xml")
         # spin=False: the cores are the HTTP path's too; a call alone spins, its threads wait on each other
         self.sharing = model.predictor(threads=threads, spin=False, streams=streams)
         self.alone = model.predictor(threads=threads) if streams > 1 else self.sharing
@@ -67,10 +68,16 @@ class EngineCalls:
             for predictor in (self.alone, self.sharing):  # the same one twice when streams is 1
                 predictor.run(self._zeros(size))
 
-    def fastest_batch(self) -> int:
-        """The smallest batch size of ``AUTO_BATCHES`` within 5% of the most images per second with every
-        stream busy (3 calls each): a bigger batch only adds latency unless it pays (fp32 on a CPU peaks at
-        1 or 2, an OpenVINO int8 model higher)."""
+    def default_batch(self) -> tuple[int, str]:
+        """The batch size a replica takes when ``--max-batch`` is not given, and how it was chosen.
+
+        An OpenVINO IR with several streams takes one image per call: its streams are its parallelism, and
+        served batches of mixed sizes ran slower than single images in every interleaved round (svt-s int8,
+        2 vCPUs, 3 rounds: 34.5-37.5 against 38.5-43.8 img/s at concurrency 32, and behind at 1 and 8 too).
+        Otherwise the smallest of ``AUTO_BATCHES`` within 5% of the most images per second with every stream
+        busy (3 calls each): a bigger batch only adds latency unless it pays."""
+        if self.openvino and self.streams > 1:
+            return 1, "one image per call on OpenVINO's streams"
         rates = {}
         for size in AUTO_BATCHES:
             batch = self._zeros(size)
@@ -78,7 +85,7 @@ class EngineCalls:
             started = time.perf_counter()
             list(self._pool.map(lambda _: [self.sharing.run(batch) for _ in range(3)], range(self.streams)))
             rates[size] = 3 * self.streams * size / (time.perf_counter() - started)
-        return min(size for size, rate in rates.items() if rate >= 0.95 * max(rates.values()))
+        return min(size for size, rate in rates.items() if rate >= 0.95 * max(rates.values())), "timed at start"
 
     def _zeros(self, size: int) -> np.ndarray:
         return np.zeros((size, *self.sharing.input_shape), np.float32)
@@ -95,7 +102,8 @@ class TwinsModel:
         keep_replica_on_loopback()
         self.replica_id = serve.get_replica_context().replica_id.unique_id  # answered in a response header
         self.engine = EngineCalls(model, options.engine_threads, options.engine_streams)
-        self.max_batch = options.max_batch or self.engine.fastest_batch()
+        self.max_batch, self.batch_chosen = ((options.max_batch, "--max-batch") if options.max_batch
+                                             else self.engine.default_batch())
         # a batch counts images, not requests
         self.run_batch = serve.batch(self._run_batch, max_batch_size=self.max_batch,
                                      batch_wait_timeout_s=options.batch_wait_ms / 1000,
@@ -106,7 +114,8 @@ class TwinsModel:
         """What this replica runs: the engine, its threads and the batch size it takes; how many engine calls
         ran alone on every thread and how many shared them."""
         return {"providers": self.engine.sharing.providers, "threads": self.engine.threads,
-                "streams": self.engine.streams, "max_batch": self.max_batch, "calls": dict(self.engine.calls)}
+                "streams": self.engine.streams, "max_batch": self.max_batch, "batch_chosen": self.batch_chosen,
+                "calls": dict(self.engine.calls)}
 
     def ready(self) -> bool:
         """Answers once the engine is loaded: the ingress's readiness probe, without an inference."""

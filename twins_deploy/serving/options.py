@@ -27,7 +27,7 @@ class ServeOptions:
     max_replicas: int | None = None
     threads: int | None = None
     streams: int | None = None
-    max_batch: int | None = None  # images per engine call (None: chosen of AUTO_BATCHES, timed at start)
+    max_batch: int | None = None  # images per engine call (None: chosen by the replica, EngineCalls.default_batch)
     batch_wait_ms: float = 2.0
     max_queued: int = 64  # requests each replica queues beyond a batch, and again in front of the replicas; then 503
     max_body_mb: float = 16.0  # request bodies over this: 413, refused from the Content-Length header

@@ -85,7 +85,7 @@ def run_server(model: str | Path, options: ServeOptions, listen: Listen, *, addr
             serve.run(application(files, served, options), name=APP_NAME, route_prefix="/")
             handles = _DriverHandles()
             engine = handles.call(lambda: serve.get_deployment_handle("model", APP_NAME).describe.remote())
-            chosen = "" if options.max_batch else " (timed at start)"
+            chosen = "" if options.max_batch else f" ({engine['batch_chosen']})"
             log(f"model replicas: {options.min_replicas or options.replicas} x {', '.join(engine['providers'])}, "
                 f"{engine['threads']} threads, {engine['streams']} batches at once of up to {engine['max_batch']} "
                 f"images{chosen}" + ("; a batch alone gets every thread" if engine["streams"] > 1 else ""))
