@@ -5,6 +5,7 @@ numpy, pillow and openvino only, and one that runs ONNX numpy, pillow and onnxru
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -101,6 +102,15 @@ class _Port:
                                                                           str(port.get_element_type()))
 
 
+@functools.lru_cache(maxsize=None)
+def _openvino_core():
+    """One ``ov.Core`` for the process, as OpenVINO advises: with two made and freed, the next signal the process
+    took (a SIGALRM) crashed it in OpenVINO 2026.4."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoSession:
     """An OpenVINO IR behind the part of onnxruntime's ``InferenceSession`` API the runtime uses.
 
@@ -121,7 +131,7 @@ class OpenVinoSession:
         path = Path(path)
         if not path.is_file() or not path.with_suffix(".bin").is_file():
             raise UsageError(f"OpenVINO IR not found: {path} (with {path.with_suffix('.bin').name} beside it)")
-        self._core = ov.Core()
+        self._core = _openvino_core()
         try:
             self._model = self._core.read_model(str(path))
         except Exception as exc:
