@@ -736,11 +736,12 @@ def serve(
                                                         "shared by the replicas; on a cluster, --replica-cpus).")] = None,
     streams: Annotated[Optional[int], typer.Option(
         help="Batches a replica runs at once, sharing its threads (default: one thread each, the most images/s; "
-             "1: each batch gets every thread, the lowest latency).")] = None,
+             "a batch that starts while none runs gets every thread; 1: every batch gets every thread).")] = None,
     replica_cpus: Annotated[float, typer.Option(help="Ray CPUs each model replica reserves.")] = 1.0,
     max_batch: Annotated[Optional[int], typer.Option(
         help="Images per engine call: Serve's dynamic batching gathers concurrent requests up to this (default: "
-             "the smallest of 1, 2, 4, 8 within 5% of the most images/s, timed when a replica starts).")] = None,
+             "1 for an OpenVINO IR on several streams, else the smallest of 1, 2, 4, 8 within 5% of the most "
+             "images/s, timed when a replica starts).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill, in ms.")] = 2.0,
     max_queued: Annotated[int, typer.Option(help="Requests each replica queues beyond a batch, and as many "
                                                  "again in front of the replicas; past that: 503 with "

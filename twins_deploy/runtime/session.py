@@ -125,13 +125,12 @@ class OpenVinoSession:
 
     def __init__(self, path: str | Path, threads: int | None = None, streams: int = 1):
         try:
-            import openvino as ov
+            self._core = _openvino_core()
         except ImportError:
             raise UsageError("OpenVINO is not installed: pip install openvino (an .xml file is an OpenVINO IR)") from None
         path = Path(path)
         if not path.is_file() or not path.with_suffix(".bin").is_file():
             raise UsageError(f"OpenVINO IR not found: {path} (with {path.with_suffix('.bin').name} beside it)")
-        self._core = _openvino_core()
         try:
             self._model = self._core.read_model(str(path))
         except Exception as exc:

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from twins_deploy.errors import UsageError
 
 MAX_IMAGES_PER_REQUEST = 64  # one request may carry several images (multipart, or a v2 batch); this many at most
-# what a replica times at start when --max-batch is not given: the smallest within 5% of the most images/s wins
-AUTO_BATCHES = (1, 2, 4, 8)
+AUTO_BATCHES = (1, 2, 4, 8)  # what a replica times at start when --max-batch is not given (EngineCalls.default_batch)
 
 
 @dataclass(frozen=True)
@@ -18,7 +17,8 @@ class ServeOptions:
     instead. ``threads`` is each replica's engine threads (default: the CPUs a replica reserves;
     ``twins-deploy serve`` on a local Ray shares the machine's CPUs between the replicas). ``streams`` is
     how many batches a replica runs at once, sharing those threads (default: one thread each, the most
-    images per second on a CPU; ``streams=1`` gives each batch every thread, the lowest latency).
+    images per second on a CPU, and a batch that starts while none runs gets every thread; ``streams=1``
+    gives every batch every thread).
     """
 
     name: str | None = None  # the model name in URLs; default: the file's model name
