@@ -166,7 +166,10 @@ class PosConv(nn.Module):
     The residual is added to the tokens after the conv's output is turned back into them, not to the NCHW
     map before: the same sums, but OpenVINO then writes the conv's output straight in token order instead of
     running a bf16 Add and a Transpose of the whole map on their own (svt-s int8, batch 1, ``PERF_COUNT``: bf16
-    Transposes 1.07 -> 0.48 ms, four Reorders (0.36 ms) gone, of 19.4 ms)."""
+    Transposes 1.07 -> 0.48 ms, four Reorders (0.36 ms) gone, of 19.4 ms). Only where the map's height is below
+    its channels, as at every stage of the published models at 224: NNCF then quantizes the tokens before the
+    (-1, h, w, C) view, and with a dynamic batch OpenVINO's int8 ReshapeTransformation throws on such a view
+    when h >= C (the GSA query's rule, ``check_reshapes_after_gemms`` in the tests); there the sum stays NCHW."""
 
     def __init__(self, dim: int, size: tuple[int, int]):
         super().__init__()
@@ -176,7 +179,9 @@ class PosConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (h, w), c = self.size, self.dim
         feat = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
-        return x + self.proj(feat).permute(0, 2, 3, 1).reshape(-1, c)
+        if h < c:
+            return x + self.proj(feat).permute(0, 2, 3, 1).reshape(-1, c)
+        return (self.proj(feat) + feat).permute(0, 2, 3, 1).reshape(-1, c)
 
 
 class PatchEmbed(nn.Module):
