@@ -111,3 +111,17 @@ def test_sizes_parse(text, size):
 def test_bad_sizes_are_usage_errors(bad):
     with pytest.raises(UsageError, match="multiples of 32|look like"):
         create_model(tiny_config("tiny-svt"), img_size=bad)
+
+
+@pytest.mark.parametrize("size, dim", [((8, 8), 32), ((8, 8), 8)])
+def test_peg_residual_order_is_exact(size, dim):
+    """The PEG adds its residual in token order where h < C and on the NCHW map otherwise: the same sums bit for bit."""
+    from twins_deploy.models.twins import PosConv
+
+    torch.manual_seed(0)
+    peg = PosConv(dim, size).eval()
+    x = torch.randn(2 * size[0] * size[1], dim)
+    feat = x.reshape(-1, *size, dim).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = (peg.proj(feat) + feat).permute(0, 2, 3, 1).reshape(-1, dim)
+        assert torch.equal(peg(x), expected)
