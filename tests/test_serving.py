@@ -70,23 +70,6 @@ def test_v1_multipart_form_answers_every_file_in_order(server, predictor):
     np.testing.assert_allclose([p["probs"] for p in answer["predictions"]], [e.probs for e in expected], atol=1e-5)
 
 
-def test_concurrent_requests_share_calls_to_the_model_and_each_gets_its_own_answer(server, predictor):
-    """The ingress gathers concurrent requests' images into one call to a replica (``--ingress-batch``, 8 by
-    default) and hands each request back its own rows."""
-    expected = [predictor.predict(jpeg, top_k=3).class_ids for jpeg in JPEGS]
-    shared = []
-    for _ in range(3):  # bounded: a few rounds of 16 requests at once
-        with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(lambda i: (i % 4, server.predict(JPEGS[i % 4])), range(16)))
-        for index, (status, headers, answer) in answers:
-            assert status == 200, answer
-            assert answer["predictions"][0]["class_ids"] == list(expected[index])
-            shared.append(int(headers["twins-deploy-call-images"]))
-        if max(shared) > 1:
-            break
-    assert 1 < max(shared) <= 8, f"images per call: {shared}"
-
-
 def test_v2_health_metadata_and_ready(server):
     assert server.request("/v2/health/live")[0] == 200
     assert server.request("/v2/health/ready")[0] == 200

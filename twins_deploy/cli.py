@@ -743,9 +743,6 @@ def serve(
              "1 for an OpenVINO IR on several streams, else the smallest of 1, 2, 4, 8 within 5% of the most "
              "images/s, timed when a replica starts).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill, in ms.")] = 2.0,
-    ingress_batch: Annotated[int, typer.Option(
-        help="Images the HTTP ingress sends a model replica in one call, gathered from concurrent requests (1: "
-             "each request on its own); Serve's per-call cost is then paid once per call.")] = 8,
     max_queued: Annotated[int, typer.Option(help="Requests each replica queues beyond a batch, and as many "
                                                  "again in front of the replicas; past that: 503 with "
                                                  "Retry-After.")] = 64,
@@ -764,8 +761,7 @@ def serve(
 
     options = ServeOptions(name=name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                            threads=threads, streams=streams, replica_cpus=replica_cpus, max_batch=max_batch,
-                           batch_wait_ms=batch_wait_ms, ingress_batch=ingress_batch, max_queued=max_queued,
-                           max_body_mb=max_body_mb, top_k=top_k)
+                           batch_wait_ms=batch_wait_ms, max_queued=max_queued, max_body_mb=max_body_mb, top_k=top_k)
     if (model_file is None) == (engine is None):
         raise _usage("pass a model file (.onnx or .xml), or --model NAME with --engine NAME, one of them")
     if engine is not None:

@@ -29,7 +29,6 @@ MODEL_VERSION = "1"
 RETRY_SECONDS = 30.0  # how long the ingress keeps retrying a request whose replica died
 RETRY_PAUSE_SECONDS = 0.2
 REPLICA_HEADER = "twins-deploy-replica"  # which model replica answered: for logs and for tracing a failover
-CALL_HEADER = "twins-deploy-call-images"  # how many images, this request's and others', went in its call to the model
 
 
 def _images(batches: list[np.ndarray]) -> int:
@@ -209,10 +208,6 @@ class Ingress:
         self.model = model
         self.served = served
         self.options = options
-        self.gathering = 0  # requests waiting for or riding in a gathered call; read and written on the event loop
-        self.gathered = serve.batch(self._call_gathered, max_batch_size=options.ingress_batch,
-                                    batch_wait_timeout_s=options.batch_wait_ms / 1000,
-                                    max_concurrent_batches=options.ingress_calls, batch_size_fn=_images)
 
     # --- /v1: encoded images in, classes (or embeddings) out ------------------------------------
 
@@ -225,7 +220,7 @@ class Ingress:
         body = await read_body(request.headers, request.stream(), self.options.max_body_bytes)
         images = images_from_body(body, request.headers.get("content-type"))
         batch = await asyncio.to_thread(preprocess_images, images, self.served.metadata)
-        outputs, call = await self._infer(batch)
+        outputs, replica = await self._infer(batch)
         answer: dict = {"model": self.served.name}
         if self.served.metadata.output == "logits":
             from twins_deploy.preprocess import top_k as top_classes
@@ -236,7 +231,7 @@ class Ingress:
         else:
             answer["embeddings"] = outputs.tolist()
         answer["server_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        return JSONResponse(answer, headers=call)
+        return JSONResponse(answer, headers={REPLICA_HEADER: replica})
 
     # --- /v2: the Open Inference Protocol (KServe v2, Triton's HTTP API) ------------------------
 
@@ -275,11 +270,11 @@ class Ingress:
             body, request.headers.get(protocol.HEADER_LENGTH), input_name=self.served.input_name,
             image_shape=self.served.image_shape, output_names=(self.served.output_name,),
             max_batch=MAX_IMAGES_PER_REQUEST)
-        outputs, call = await self._infer(parsed.batch)
+        outputs, replica = await self._infer(parsed.batch)
         content, headers = protocol.encode_infer_response(self.served.name, MODEL_VERSION, parsed,
                                                           {self.served.output_name: outputs},
                                                           self.served.metadata.class_names)
-        return Response(content, headers={**headers, **call})
+        return Response(content, headers={**headers, REPLICA_HEADER: replica})
 
     async def drain(self, timeout_s: float = 60.0) -> int:
         """Refuse new requests (503) and wait until those in flight are answered, ``timeout_s`` at most;
@@ -306,36 +301,7 @@ class Ingress:
         except Exception:
             return False
 
-    async def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, str]]:
-        """The model's outputs for one request's images, and response headers naming the replica that ran them
-        and the images in that call. Up to ``ingress_batch``
-        images travel in one call with other requests' (svt-s int8, 2 vCPUs, v2 tensors at concurrency 32:
-        42-46 img/s one image per call, 53-55 eight per call); a larger request is its own call. Requests past
-        the gathered calls in flight and ``max_queued`` more get 503, as a full replica queue does."""
-        options = self.options
-        if options.ingress_batch == 1 or len(batch) > options.ingress_batch:
-            outputs, replica = await self._call(batch)
-            return outputs, {REPLICA_HEADER: replica, CALL_HEADER: str(len(batch))}
-        if self.gathering >= options.ingress_calls * options.ingress_batch + options.max_queued:
-            raise self._queue_full()
-        self.gathering += 1
-        try:
-            return await self.gathered(batch)
-        finally:
-            self.gathering -= 1
-
-    async def _call_gathered(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, dict[str, str]]]:
-        """One call for the requests Serve gathered (``self.gathered``, batched in ``__init__``)."""
-        sizes = np.cumsum([len(batch) for batch in batches])
-        outputs, replica = await self._call(batches[0] if len(batches) == 1 else np.concatenate(batches))
-        call = {REPLICA_HEADER: replica, CALL_HEADER: str(sizes[-1])}
-        return [(rows, call) for rows in np.split(outputs, sizes[:-1])]
-
-    def _queue_full(self) -> BadRequest:
-        return BadRequest(503, f"the model's queue is full ({self.options.max_queued} requests waiting); retry shortly",
-                          headers={"Retry-After": "1"})
-
-    async def _call(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
+    async def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
         """The model's outputs and the replica that ran them. A call whose replica died is sent again
         (to a live replica) until ``RETRY_SECONDS`` have passed. A full queue is 503 with ``Retry-After``."""
         deadline = time.monotonic() + RETRY_SECONDS
@@ -343,7 +309,8 @@ class Ingress:
             try:
                 return await self.model.infer.remote(batch)
             except BackPressureError:
-                raise self._queue_full() from None
+                raise BadRequest(503, f"the model's queue is full ({self.options.max_queued} requests waiting); "
+                                      "retry shortly", headers={"Retry-After": "1"}) from None
             except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
                 if time.monotonic() > deadline:
                     raise BadRequest(503, "no model replica answered: they died or are restarting; retry shortly",

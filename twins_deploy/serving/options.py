@@ -18,8 +18,7 @@ class ServeOptions:
     ``twins-deploy serve`` on a local Ray shares the machine's CPUs between the replicas). ``streams`` is
     how many batches a replica runs at once, sharing those threads (default: one thread each, the most
     images per second on a CPU, and a batch that starts while none runs gets every thread; ``streams=1``
-    gives every batch every thread). ``ingress_batch`` is how many images of concurrent requests the ingress
-    sends a replica in one call, which the replica then splits into its own batches.
+    gives every batch every thread).
     """
 
     name: str | None = None  # the model name in URLs; default: the file's model name
@@ -30,16 +29,13 @@ class ServeOptions:
     streams: int | None = None
     max_batch: int | None = None  # images per engine call (None: chosen by the replica, EngineCalls.default_batch)
     batch_wait_ms: float = 2.0
-    # images the ingress sends a model replica in one call, gathered from concurrent requests (1: each request on
-    # its own): Serve's per-call cost is paid once per call, not per image
-    ingress_batch: int = 8
     max_queued: int = 64  # requests each replica queues beyond a batch, and again in front of the replicas; then 503
     max_body_mb: float = 16.0  # request bodies over this: 413, refused from the Content-Length header
     top_k: int = 5
     replica_cpus: float = 1.0  # Ray CPUs each model replica reserves
 
     def __post_init__(self) -> None:
-        for key in ("replicas", "max_batch", "ingress_batch", "max_queued", "top_k", "threads", "streams"):
+        for key in ("replicas", "max_batch", "max_queued", "top_k", "threads", "streams"):
             value = getattr(self, key)
             if value is None and key in ("max_batch", "threads", "streams"):  # None: chosen for the replica
                 continue
@@ -81,24 +77,14 @@ class ServeOptions:
         return self.largest_batch * self.engine_streams
 
     @property
-    def most_replicas(self) -> int:
-        return self.max_replicas or self.replicas
-
-    @property
-    def ingress_calls(self) -> int:
-        """Gathered calls the ingress keeps in flight: two per replica, one running while the next waits in it."""
-        return 2 * self.most_replicas
-
-    @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
     def autoscaling_config(self) -> dict | None:
         if self.min_replicas is None:
             return None
-        # a replica's requests are the ingress's calls, each of up to ingress_batch images
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": max(1, -(-self.running_at_once // self.ingress_batch))}
+                "target_ongoing_requests": self.running_at_once}
 
 
 def _flag(key: str) -> str:

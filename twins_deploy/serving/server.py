@@ -88,9 +88,7 @@ def run_server(model: str | Path, options: ServeOptions, listen: Listen, *, addr
             chosen = "" if options.max_batch else f" ({engine['batch_chosen']})"
             log(f"model replicas: {options.min_replicas or options.replicas} x {', '.join(engine['providers'])}, "
                 f"{engine['threads']} threads, {engine['streams']} batches at once of up to {engine['max_batch']} "
-                f"images{chosen}" + ("; a batch alone gets every thread" if engine["streams"] > 1 else "") +
-                (f"; the ingress sends up to {options.ingress_batch} images of concurrent requests per call"
-                 if options.ingress_batch > 1 else ""))
+                f"images{chosen}" + ("; a batch alone gets every thread" if engine["streams"] > 1 else ""))
             base = f"http://{listen.host}:{listen.port}"
             log(f"serving {served.name} from {Path(model).name}: {base}/v1/models/{served.name}/predict "
                 f"(v2: {base}/v2/models/{served.name}/infer)")
