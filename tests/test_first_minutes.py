@@ -142,7 +142,8 @@ def test_openvino_int8_build_prints_no_library_log_line(int8_build):
 @pytest.mark.parametrize("engine, json_flag", [("onnx", False), ("int8", True)])
 def test_verify_prints_no_library_log_line(tiny, int8_build, engine, json_flag):
     path = tiny["onnx"] if engine == "onnx" else int8_build["ir"]
-    run = _cli("verify", "-e", str(path), "--samples", "4", *(["--json"] if json_flag else []))
+    # 16 images: on 4, one near tie between the tiny model's two best logits is already 25% of top-1 agreement
+    run = _cli("verify", "-e", str(path), "--samples", "16", *(["--json"] if json_flag else []))
     assert run.returncode == 0, run.stderr
     if json_flag:
         assert json.loads(run.stdout)["passed"] is True
