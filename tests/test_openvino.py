@@ -92,6 +92,18 @@ def test_int8_layer_norm_quantizers_fuse_into_the_layer_norms(tiny):
     assert "MVN" in kinds and "FakeQuantize" not in kinds
 
 
+def test_int8_attention_quantizers_sit_below_the_head_merging_transposes(tiny):
+    """The quantizer of each attention output is moved below the Transposes that merge the heads, so no
+    Transpose runs on int8 (OpenVINO has no fast int8 Transpose); the numbers stay those of NNCF's graph."""
+    assert tiny["int8_report"]["quantization"]["attention_quantizers_after_transpose"] > 0
+    model = ov.Core().read_model(tiny["int8"])
+    model.reshape([1, 3, 224, 224])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": "1"})
+    transposes = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+                  if op.get_rt_info()["layerType"].astype(str) == "Transpose"]
+    assert transposes and not {"i8", "u8"} & set(transposes), transposes
+
+
 def test_nncf_int8_of_the_default_export_compiles_with_a_dynamic_batch(tiny):
     """OpenVINO's own int8 path, as its documentation shows it, on our export: no static batch needed."""
     model = ov.convert_model(str(tiny["onnx"]))
