@@ -104,6 +104,18 @@ def test_int8_attention_quantizers_sit_below_the_head_merging_transposes(tiny):
     assert transposes and not {"i8", "u8"} & set(transposes), transposes
 
 
+def test_a_batch_that_divides_among_the_threads_runs_as_parallel_parts_with_the_same_numbers(tiny):
+    """Two threads: a batch of 4 runs as two streams of 2 images at once, a batch of 3 as one request;
+    both give exactly what one request on both threads gives."""
+    batch = np.concatenate([tiny["inputs"]] * 4)[:4]
+    with OpenVinoRunner(tiny["int8"], threads=2) as split, \
+            OpenVinoRunner(tiny["int8"], threads=2, split_batch=False) as whole:
+        assert split.describe().details["split_batch"] and not whole.describe().details["split_batch"]
+        assert (split._split_parts(4), split._split_parts(3), whole._split_parts(4)) == (2, 1, 1)
+        for size in (4, 3, 1):
+            np.testing.assert_array_equal(split.infer(batch[:size])["logits"], whole.infer(batch[:size])["logits"])
+
+
 def test_nncf_int8_of_the_default_export_compiles_with_a_dynamic_batch(tiny):
     """OpenVINO's own int8 path, as its documentation shows it, on our export: no static batch needed."""
     model = ov.convert_model(str(tiny["onnx"]))
