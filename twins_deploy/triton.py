@@ -313,9 +313,10 @@ def _onnx_tensors(onnx_path: Path, max_batch: int) -> tuple[ModelMetadata, list[
 def _ir_tensors(ir_path: Path, max_batch: int) -> tuple[ModelMetadata, list[TensorSpec], list[TensorSpec]]:
     """Metadata and tensors of an OpenVINO IR (``.xml`` beside its ``.bin``)."""
     from twins_deploy.engines.openvino_backend import ir_props, read_model, require_openvino
+    from twins_deploy.runtime.session import openvino_core
 
-    ov = require_openvino()
-    model = read_model(ov.Core(), ir_path)
+    require_openvino()
+    model = read_model(openvino_core(), ir_path)
     metadata = ModelMetadata.from_props(ir_props(model), str(ir_path))
 
     def spec(port) -> TensorSpec:

@@ -24,6 +24,7 @@ from twins_deploy.engines.base import EngineInfo, Runner
 from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.metadata import ModelMetadata
 from twins_deploy.files import cleanup_on_sigterm, output_mode
+from twins_deploy.runtime.session import openvino_core
 
 RT_KEY = "twins_deploy"  # rt_info section that holds our metadata
 IR_PRECISIONS = ("fp32", "bf16", "int8")
@@ -64,11 +65,11 @@ def ir_props(model) -> dict[str, str]:
 
 def ir_metadata(path: str | Path) -> ModelMetadata:
     """The ``ModelMetadata`` an IR (``.xml`` with its ``.bin``) carries."""
-    ov = require_openvino()
+    require_openvino()
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"OpenVINO IR not found: {path}")
-    return ModelMetadata.from_props(ir_props(read_model(ov.Core(), path)), str(path))
+    return ModelMetadata.from_props(ir_props(read_model(openvino_core(), path)), str(path))
 
 
 def read_model(core, path: Path):
@@ -322,7 +323,7 @@ class OpenVinoRunner(Runner):
         ov = require_openvino()
         if not self.path.is_file():
             raise UsageError(f"engine file not found: {self.path}")
-        self._core = ov.Core()
+        self._core = openvino_core()
         self._model = read_model(self._core, self.path)
         if self.path.suffix.lower() == ".onnx":
             from twins_deploy.engines.artifacts import onnx_metadata

@@ -103,7 +103,7 @@ class _Port:
 
 
 @functools.lru_cache(maxsize=None)
-def _openvino_core():
+def openvino_core():
     """One ``ov.Core`` for the process, as OpenVINO advises: with two made and freed, the next signal the process
     took (a SIGALRM) crashed it in OpenVINO 2026.4."""
     import openvino as ov
@@ -125,7 +125,7 @@ class OpenVinoSession:
 
     def __init__(self, path: str | Path, threads: int | None = None, streams: int = 1):
         try:
-            self._core = _openvino_core()
+            self._core = openvino_core()
         except ImportError:
             raise UsageError("OpenVINO is not installed: pip install openvino (an .xml file is an OpenVINO IR)") from None
         path = Path(path)
