@@ -404,7 +404,9 @@ def bench(
             info = runner.describe()
             details[info.name] = info.details
             if "settings" in info.details:  # a runner with settings of its own (OpenVINO): say which
-                _log(f"{info.name}: " + ", ".join(f"{k}={v}" for k, v in info.details["settings"].items()))
+                split = ("; a batch that divides among the threads runs as one part per thread, one stream each"
+                         if info.details.get("split_batch") else "")
+                _log(f"{info.name}: " + ", ".join(f"{k}={v}" for k, v in info.details["settings"].items()) + split)
         total = len(runners) * len(batches) * (iters if iters is not None else seconds)
         with Progress(TextColumn("bench"), BarColumn(), TimeRemainingColumn(), console=err_console,
                       transient=True) as progress:
