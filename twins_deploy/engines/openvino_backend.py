@@ -411,8 +411,9 @@ class OpenVinoRunner(Runner):
         if len(requests) == 1:
             requests[0].infer({0: batch}, share_inputs=True)
         else:
-            for request, part in zip(requests, np.split(batch, len(requests))):
-                request.start_async({0: np.ascontiguousarray(part)}, share_inputs=True)
+            parts = [np.ascontiguousarray(part) for part in np.split(batch, len(requests))]  # alive until waited on
+            for request, part in zip(requests, parts):
+                request.start_async({0: part}, share_inputs=True)
             for request in requests:
                 request.wait()
         return {name: np.concatenate([np.array(r.get_output_tensor(i).data, dtype=np.float32) for r in requests])
