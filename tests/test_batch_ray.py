@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -299,6 +300,9 @@ def test_python_api_on_bytes_and_decoded_images(driver, photos, tiny_onnx, tmp_p
             assert row["error"] is None and "bytes" not in row and "image" not in row
             assert row["class_ids"] == want["ids"] and row["names"] == want["names"]
             assert row["probs"] == pytest.approx(want["probs"], abs=1e-5)
+    # Ray Data's usage poller thread, started by the jobs, logs its failed polls with no traceback to format:
+    # on Python 3.11 that formatting raced torch.export's ast.parse on the main thread (a flaky export failure)
+    assert not logging.getLogger("ray.data._internal.usage.util").isEnabledFor(logging.DEBUG)
 
 
 def _rows_of_plain(tiny_onnx: Path, inputs: list[str], tmp_path: Path) -> list[dict]:

@@ -9,6 +9,7 @@ answers such rows with an error, so that every input is still there once).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from twins_deploy.batch.worker import EnginePackage, EngineWorker
 from twins_deploy.errors import UsageError
 
 TASK_RETRIES = 3  # reruns of a batch whose worker died, before it counts as an errored block
+# Ray Data's usage poller, a thread that outlives the job, asks a Prometheus that a plain Ray lacks every 10 s
+# and logs each failure at DEBUG with its traceback into ray-data.log. On Python 3.11 formatting a traceback
+# calls ast.parse, whose state CPython shares between threads: an ast.parse on the main thread at that moment
+# (torch.export does one per export) fails with "AST constructor recursion depth mismatch". Its DEBUG lines go.
+RAY_DATA_USAGE_LOGGER = "ray.data._internal.usage"
 
 
 def require_ray_data():
@@ -25,6 +31,7 @@ def require_ray_data():
         import ray.data  # noqa: F401  (pandas and pyarrow come with ray[data])
     except ImportError:
         raise UsageError("batch inference on Ray needs Ray Data: pip install 'twins-deploy[batch]'") from None
+    logging.getLogger(RAY_DATA_USAGE_LOGGER).setLevel(logging.INFO)
     return ray
 
 
