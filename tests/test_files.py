@@ -122,6 +122,102 @@ def test_sigterm_in_the_middle_of_an_export_leaves_the_earlier_file_intact(tmp_p
     assert leftovers(tmp_path), "the export never reserved its temporary file"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0, stderr.decode()
+    assert process.returncode == -signal.SIGTERM, stderr.decode()  # ended as SIGTERM ends a process
     assert earlier.read_bytes() == b"an earlier good export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "tiny.json"]
+
+
+def _terminated_when_ready(script: str, folder: Path) -> subprocess.CompletedProcess:
+    """Run ``script`` in a new Python, SIGTERM it once it prints "ready", and wait (bounded) for its end."""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=folder, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+
+
+def test_sigterm_inside_a_weakref_callback_still_ends_the_write_and_keeps_the_earlier_file(tmp_path):
+    """Python swallows an exception raised in a weakref callback: SIGTERM raising SystemExit there let an
+    export run on and replace the file. The handler undoes the write itself and ends the process."""
+    (tmp_path / "out.txt").write_text("earlier")
+    script = """
+import time, weakref
+from twins_deploy.files import atomic_output
+
+class Node:
+    pass
+
+def collected(ref):
+    time.sleep(0.05)  # where the signal lands: nearly all the time is spent here
+
+with atomic_output("out.txt") as tmp:
+    tmp.write_text("half")
+    print("ready", flush=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        node = Node()
+        watch = weakref.ref(node, collected)
+        del node
+    tmp.write_text("whole")
+"""
+    ended = _terminated_when_ready(script, tmp_path)
+    assert ended.returncode == -signal.SIGTERM, ended.stderr
+    assert (tmp_path / "out.txt").read_text() == "earlier" and leftovers(tmp_path) == []
+
+
+def test_sigterm_between_the_folder_swaps_renames_puts_the_earlier_folder_back(tmp_path):
+    """``atomic_folder`` moves the earlier folder aside, then renames the new one in: SIGTERM between the two
+    (the rename made to wait here) leaves the earlier folder in place, whole, and nothing else."""
+    earlier = tmp_path / "parts"
+    earlier.mkdir()
+    (earlier / "part-0.parquet").write_text("earlier")
+    script = """
+import os, time
+from twins_deploy.files import atomic_folder
+
+rename = os.replace
+
+def slow_second_rename(source, target):
+    rename(source, target)
+    if str(source).endswith("parts"):  # the earlier folder has just been moved aside
+        print("ready", flush=True)
+        time.sleep(20)
+
+os.replace = slow_second_rename
+with atomic_folder("parts") as folder:
+    (folder / "sub").mkdir()
+    (folder / "sub" / "part-0.parquet").write_text("new")
+"""
+    ended = _terminated_when_ready(script, tmp_path)
+    assert ended.returncode == -signal.SIGTERM, ended.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["parts"]
+    assert [p.name for p in earlier.iterdir()] == ["part-0.parquet"]
+    assert (earlier / "part-0.parquet").read_text() == "earlier"
+
+
+def test_an_error_after_the_earlier_folder_moved_aside_puts_it_back(tmp_path, monkeypatch):
+    from twins_deploy import files
+
+    earlier = tmp_path / "parts"
+    earlier.mkdir()
+    (earlier / "part-0.parquet").write_text("earlier")
+    rename = os.replace
+    failed = []
+
+    def failing_second_rename(source, target):
+        if Path(target) == earlier and not failed:  # the new folder's rename, not the undo's
+            failed.append(source)
+            raise OSError(28, "No space left on device")
+        rename(source, target)
+
+    monkeypatch.setattr(files.os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="No space left"):
+        with files.atomic_folder(earlier) as folder:
+            (folder / "part-0.parquet").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["parts"]
+    assert (earlier / "part-0.parquet").read_text() == "earlier"

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import stat
-import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from twins_deploy.errors import UsageError
 
@@ -43,24 +43,56 @@ def output_mode(path: Path, directory: bool = False) -> int:
         return (0o777 if directory else 0o666) & ~current_umask()
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+_PENDING: dict[int, Callable[[], None]] = {}  # how to undo each output being written, for the SIGTERM handler
+
+
+def _end_on_sigterm(signum, frame) -> None:
+    """Undo every output being written, then end the process as SIGTERM does. Raising SystemExit into the
+    code that was running instead is not safe: a weakref callback swallowed it (the export went on and
+    wrote its file), and between a temp file's creation and its ``try`` it left the file behind."""
+    for undo in list(_PENDING.values()):
+        with contextlib.suppress(OSError):
+            undo()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(128 + signum)  # only if the signal has not ended the process already
 
 
 @contextlib.contextmanager
-def cleanup_on_sigterm() -> Iterator[None]:
-    """While the block runs, SIGTERM raises SystemExit instead of killing the process on the spot,
-    so ``finally`` clauses remove temporary files. Only from the main thread, and only where no
-    handler of the caller's is installed (nested blocks keep the outer one's)."""
+def _sigterm_handled() -> Iterator[None]:
+    """While the block runs, SIGTERM undoes the outputs being written before it ends the process. Only from
+    the main thread, and only where no handler of the caller's is installed (a server's own stops it
+    gracefully; nested blocks keep the outer one's)."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _end_on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _undone_at_exit(undo: Callable[[], None]) -> Iterator[None]:
+    """``undo`` runs when the block ends, however it ends, and from the SIGTERM handler. It is registered
+    before the block creates anything, so it must accept finding nothing, or finding the output done."""
+    key = object()
+    with _sigterm_handled():
+        _PENDING[id(key)] = undo
+        try:
+            yield
+        finally:
+            try:
+                undo()
+            finally:
+                del _PENDING[id(key)]
+
+
+def _temp_name(path: Path) -> Path:
+    """A hidden name beside ``path``, chosen before anything is created, so it can be undone at any moment."""
+    return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
 
 
 def _with_parent(path: str | Path) -> Path:
@@ -74,46 +106,62 @@ def _with_parent(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, companions: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temporary path next to ``path`` (same suffix, for tools that check it); it replaces ``path``
     only if the block succeeds (fsync, then rename), with the mode an ordinary write would give, so
-    an error, Ctrl-C or SIGTERM never leaves a half-written file, a temp file, or a damaged earlier one."""
+    an error, Ctrl-C or SIGTERM never leaves a half-written file, a temp file, or a damaged earlier one.
+    ``companions``: suffixes of files the writer puts beside the temp path (an IR's ``.bin``), renamed
+    into place before ``path`` itself, so a reader never finds ``path`` without them."""
     path = _with_parent(path)
-    with cleanup_on_sigterm():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp)
+    tmp = _temp_name(path)
+    moves = [(tmp.with_suffix(suffix), path.with_suffix(suffix)) for suffix in companions] + [(tmp, path)]
+
+    def undo() -> None:
+        for written, _ in moves:
+            written.unlink(missing_ok=True)
+
+    with _undone_at_exit(undo):
         try:
-            yield tmp
-            with open(tmp, "rb") as handle:  # writers that do not fsync themselves: durable before the rename
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        yield tmp
+        for written, final in moves:
+            with open(written, "rb") as handle:  # writers that do not fsync themselves: durable before the rename
                 os.fsync(handle.fileno())
-            os.chmod(tmp, output_mode(path))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            os.chmod(written, output_mode(final))
+        for written, final in moves:
+            os.replace(written, final)
 
 
 @contextlib.contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """``atomic_output`` for a folder of files (Parquet parts): a temporary folder next to ``path``,
+    """``atomic_output`` for a folder (Parquet parts, a Triton model): a temporary folder next to ``path``,
     its files fsynced and given ordinary modes, then renamed into place only if the block succeeds.
-    An earlier folder at ``path`` is moved aside first and deleted after (two renames, not one:
-    a crash between them leaves it as a hidden ``.<name>.old`` folder beside, never half-written)."""
+    An earlier folder at ``path`` is moved aside first and deleted after (two renames, not one: an
+    error or SIGTERM between them puts it back)."""
     path = _with_parent(path)
-    with cleanup_on_sigterm():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        old = tmp.with_name(f".{path.name}.old")
+    tmp = _temp_name(path)
+    old = tmp.with_name(tmp.name + ".old")
+
+    def undo() -> None:
+        if old.exists() and not path.exists():  # ended between the two renames: the earlier folder goes back
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+    with _undone_at_exit(undo):
         try:
-            yield tmp
-            for file in tmp.iterdir():
-                with open(file, "rb") as handle:
+            tmp.mkdir(mode=0o700)
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        yield tmp
+        for item in sorted(tmp.rglob("*")):
+            if item.is_file():
+                with open(item, "rb") as handle:
                     os.fsync(handle.fileno())
-                os.chmod(file, output_mode(path / file.name))
-            os.chmod(tmp, output_mode(path, directory=True))
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+            os.chmod(item, output_mode(path / item.relative_to(tmp), directory=item.is_dir()))
+        os.chmod(tmp, output_mode(path, directory=True))
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)

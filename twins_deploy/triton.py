@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from twins_deploy.errors import TwinsDeployError, UsageError
-from twins_deploy.files import cleanup_on_sigterm
+from twins_deploy.files import atomic_folder
 from twins_deploy.metadata import ModelMetadata
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan"),
@@ -170,46 +169,31 @@ def build_repository(onnx_path: str | Path, output: str | Path = "model_reposito
     if repository.exists() and not repository.is_dir():
         raise UsageError(f"--output {repository} is a file; pass a folder for the model repository")
     target = repository / model.name
-    with cleanup_on_sigterm():  # SIGTERM mid-way still removes the staging folder
-        schema = _write_model_dir(model, repository, target, Path(plan or onnx_path))
+    schema = _write_model_dir(model, target, Path(plan or onnx_path))
     files = tuple(sorted(str(p.relative_to(repository)) for p in target.rglob("*") if p.is_file()))
     return TritonReport(repository, target, model, files, schema, plan_checked)
 
 
-def _write_model_dir(model: TritonModel, repository: Path, target: Path, served: Path) -> str | None:
-    """Build the model folder in a staging folder, check it, then swap it in for ``target``."""
+def _write_model_dir(model: TritonModel, target: Path, served: Path) -> str | None:
+    """Build the model folder beside ``target``, check it, then swap it in (``atomic_folder``)."""
     try:
-        repository.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{model.name}.", suffix=".tmp", dir=repository))
-    except OSError as exc:
-        raise UsageError(f"cannot write the model repository {repository}: {exc.strerror or exc}") from None
-    try:
-        built = staging / model.name
-        (built / "1").mkdir(parents=True)
-        shutil.copyfile(served, built / "1" / model.model_filename)
-        if model.platform == PLATFORMS["ir"][0]:  # the IR's weights, beside model.xml
-            shutil.copyfile(served.with_suffix(".bin"), built / "1" / "model.bin")
-        (built / "config.pbtxt").write_text(model.config_text())
-        if model.labels:
-            (built / LABELS_FILE).write_text("\n".join(model.labels) + "\n")
-        schema = validate_model_dir(built, model)
-        if target.exists():
-            target.rename(staging / "previous")
-        try:
-            built.rename(target)
-        except OSError:
-            if (staging / "previous").exists():  # put the old model back
-                (staging / "previous").rename(target)
-            raise
+        with atomic_folder(target) as built:
+            (built / "1").mkdir()
+            shutil.copyfile(served, built / "1" / model.model_filename)
+            if model.platform == PLATFORMS["ir"][0]:  # the IR's weights, beside model.xml
+                shutil.copyfile(served.with_suffix(".bin"), built / "1" / "model.bin")
+            (built / "config.pbtxt").write_text(model.config_text())
+            if model.labels:
+                (built / LABELS_FILE).write_text("\n".join(model.labels) + "\n")
+            schema = validate_model_dir(built, model)
     except OSError as exc:
         raise TwinsDeployError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return schema
 
 
 def validate_model_dir(folder: Path, model: TritonModel) -> str | None:
-    """Check a model folder as Triton will read it; returns the schema used, None if tritonclient is absent.
+    """Check a model folder, to be renamed ``model.name``, as Triton will read it; returns the schema used,
+    None if tritonclient is absent.
 
     With tritonclient installed, ``config.pbtxt`` is parsed with Triton's own ``ModelConfig`` protobuf
     and every field is compared with the model; the files are checked either way.
@@ -244,7 +228,7 @@ def validate_model_dir(folder: Path, model: TritonModel) -> str | None:
                      config.dynamic_batching.max_queue_delay_microseconds),
     }
     expected = {
-        "name": folder.name, "platform": model.platform, "max_batch_size": model.max_batch_size,
+        "name": model.name, "platform": model.platform, "max_batch_size": model.max_batch_size,
         "inputs": [(t.name, t.data_type, t.dims) for t in model.inputs],
         "outputs": [(t.name, t.data_type, t.dims) for t in model.outputs],
         "labels": [LABELS_FILE] if model.labels else [],

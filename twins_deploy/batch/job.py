@@ -18,7 +18,6 @@ from twins_deploy.batch.dataset import TASK_RETRIES, infer_dataset, require_ray_
 from twins_deploy.batch.inputs import list_inputs, worker_path
 from twins_deploy.batch.worker import EnginePackage, answer_fields
 from twins_deploy.engines.predict import InputItem, check_output, write_predictions
-from twins_deploy.errors import UsageError
 
 LOST = ("not answered: the worker running its batch died on every attempt ({tries}): an input that crashes "
         "the decoder, or a worker out of memory?")

@@ -23,7 +23,7 @@ import numpy as np
 from twins_deploy.engines.base import EngineInfo, Runner
 from twins_deploy.errors import TwinsDeployError, UsageError
 from twins_deploy.metadata import ModelMetadata
-from twins_deploy.files import cleanup_on_sigterm, output_mode
+from twins_deploy.files import atomic_output
 from twins_deploy.runtime.session import openvino_core
 
 RT_KEY = "twins_deploy"  # rt_info section that holds our metadata
@@ -83,33 +83,14 @@ def read_model(core, path: Path):
 
 
 def save_ir_atomic(model, path: str | Path) -> int:
-    """Write ``path`` (.xml) and its .bin: both to temporary names beside them, then .bin renamed in
-    first and .xml last, so a reader never sees an .xml without its weights; nothing left on error."""
-    import tempfile
-
+    """Write ``path`` (.xml) and its .bin atomically, the .bin renamed in first, so a reader never sees an
+    .xml without its weights; nothing left on error."""
     ov = require_openvino()
     path = Path(path)
     if path.suffix.lower() != IR_SUFFIX:
         raise UsageError(f"an OpenVINO IR is written to a .xml file, got {path}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.xml", dir=path.parent)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    os.close(fd)
-    tmp_xml, tmp_bin = Path(tmp), Path(tmp).with_suffix(".bin")
-    with cleanup_on_sigterm():
-        try:
-            ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-            for written, final in ((tmp_bin, path.with_suffix(".bin")), (tmp_xml, path)):
-                with open(written, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.chmod(written, output_mode(final))
-            os.replace(tmp_bin, path.with_suffix(".bin"))
-            os.replace(tmp_xml, path)
-        finally:
-            tmp_xml.unlink(missing_ok=True)
-            tmp_bin.unlink(missing_ok=True)
+    with atomic_output(path, companions=(".bin",)) as tmp:
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
     return path.stat().st_size + path.with_suffix(".bin").stat().st_size
 
 
