@@ -121,10 +121,7 @@ def atomic_output(path: str | Path, companions: tuple[str, ...] = ()) -> Iterato
             written.unlink(missing_ok=True)
 
     with _undone_at_exit(undo):
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError as exc:
-            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
         for written, final in moves:
             with open(written, "rb") as handle:  # writers that do not fsync themselves: durable before the rename
@@ -151,10 +148,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
     with _undone_at_exit(undo):
-        try:
-            tmp.mkdir(mode=0o700)
-        except OSError as exc:
-            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        tmp.mkdir(mode=0o700)
         yield tmp
         for item in sorted(tmp.rglob("*")):
             if item.is_file():

@@ -89,8 +89,11 @@ def save_ir_atomic(model, path: str | Path) -> int:
     path = Path(path)
     if path.suffix.lower() != IR_SUFFIX:
         raise UsageError(f"an OpenVINO IR is written to a .xml file, got {path}")
-    with atomic_output(path, companions=(".bin",)) as tmp:
-        ov.save_model(model, str(tmp), compress_to_fp16=False)
+    try:
+        with atomic_output(path, companions=(".bin",)) as tmp:
+            ov.save_model(model, str(tmp), compress_to_fp16=False)
+    except OSError as exc:
+        raise TwinsDeployError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path.stat().st_size + path.with_suffix(".bin").stat().st_size
 
 
