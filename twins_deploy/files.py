@@ -43,14 +43,14 @@ def output_mode(path: Path, directory: bool = False) -> int:
         return (0o777 if directory else 0o666) & ~current_umask()
 
 
-_PENDING: dict[int, Callable[[], None]] = {}  # how to undo each output being written, for the SIGTERM handler
+_PENDING: set[Callable[[], None]] = set()  # how to undo each output being written, for the SIGTERM handler
 
 
 def _end_on_sigterm(signum, frame) -> None:
     """Undo every output being written, then end the process as SIGTERM does. Raising SystemExit into the
     code that was running instead is not safe: a weakref callback swallowed it (the export went on and
     wrote its file), and between a temp file's creation and its ``try`` it left the file behind."""
-    for undo in list(_PENDING.values()):
+    for undo in list(_PENDING):
         with contextlib.suppress(OSError):
             undo()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -78,16 +78,15 @@ def _sigterm_handled() -> Iterator[None]:
 def _undone_at_exit(undo: Callable[[], None]) -> Iterator[None]:
     """``undo`` runs when the block ends, however it ends, and from the SIGTERM handler. It is registered
     before the block creates anything, so it must accept finding nothing, or finding the output done."""
-    key = object()
     with _sigterm_handled():
-        _PENDING[id(key)] = undo
+        _PENDING.add(undo)
         try:
             yield
         finally:
             try:
                 undo()
             finally:
-                del _PENDING[id(key)]
+                _PENDING.discard(undo)
 
 
 def _temp_name(path: Path) -> Path:

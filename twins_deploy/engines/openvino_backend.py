@@ -400,8 +400,8 @@ class OpenVinoRunner(Runner):
                 request.start_async({0: part}, share_inputs=True)
             for request in requests:
                 request.wait()
-        return {name: np.concatenate([np.array(r.get_output_tensor(i).data, dtype=np.float32) for r in requests])
-                for i, name in enumerate(self._outputs)}
+        return {name: np.concatenate([r.get_output_tensor(i).data for r in requests]).astype(np.float32, copy=False)
+                for i, name in enumerate(self._outputs)}  # one copy out of OpenVINO's buffers, split or not
 
     def _describe(self) -> EngineInfo:
         return self._info
